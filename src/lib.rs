@@ -1,0 +1,37 @@
+//! capivara: a zero-shot inference server and trainer for multilingual
+//! (Portuguese-first) CLIP models of the CAPIVARA family — an OpenCLIP ViT image
+//! tower and an XLM-RoBERTa text tower — in candle.
+//!
+//! - [`model`]: the model, its configs, LoRA, and checkpoint loading;
+//! - [`preprocess`]: image bytes -> normalised tensor, as open_clip does it;
+//! - [`tokenizer`]: text -> token ids, as open_clip's HF tokenizer does it;
+//! - [`pipeline`]: all three loaded together.
+
+pub mod error;
+pub mod model;
+pub mod pipeline;
+pub mod preprocess;
+pub mod tokenizer;
+
+pub use error::{Error, Result};
+pub use pipeline::Pipeline;
+
+/// Parses `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(spec: &str) -> Result<candle_core::Device> {
+    let bad = Error::InvalidArgument;
+    match spec {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let n: usize = match s.strip_prefix("cuda:") {
+                Some(n) => n.parse().map_err(|_| bad(format!("bad device `{s}`")))?,
+                None => 0,
+            };
+            candle_core::Device::new_cuda(n).map_err(|e| {
+                bad(format!(
+                    "device `{s}` is not available ({e}); CUDA needs a build with `--features cuda`"
+                ))
+            })
+        }
+        s => Err(bad(format!("unknown device `{s}` (cpu, cuda, cuda:N)"))),
+    }
+}

@@ -1,0 +1,122 @@
+//! The CAPIVARA model (OpenCLIP ViT image tower + XLM-RoBERTa text tower) in
+//! candle. Pure tensor code: the only I/O is reading tensors through
+//! [`weights::Checkpoint`].
+
+pub mod config;
+pub mod layers;
+pub mod lora;
+pub mod text;
+pub mod vision;
+pub mod weights;
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+pub use config::{ClipConfig, XlmRobertaConfig};
+pub use layers::Kernels;
+pub use text::{TextOptions, TextTower};
+pub use vision::VisionTransformer;
+pub use weights::{Checkpoint, ModelFiles};
+
+use crate::error::{Error, Result};
+
+/// The two towers and the logit scale.
+pub struct Clip {
+    pub vision: VisionTransformer,
+    pub text: TextTower,
+    /// The raw parameter; logits use `exp(logit_scale)`.
+    pub logit_scale: Tensor,
+    pub config: ClipConfig,
+    device: Device,
+    dtype: DType,
+}
+
+impl Clip {
+    /// Builds the model from a `VarBuilder` rooted at open_clip's names.
+    pub fn new(
+        vb: VarBuilder,
+        cfg: &ClipConfig,
+        text_cfg: &XlmRobertaConfig,
+        text_opts: TextOptions,
+    ) -> candle_core::Result<Self> {
+        let vision =
+            VisionTransformer::load(vb.pp("visual"), &cfg.vision, cfg.embed_dim, Kernels::Fused)?;
+        let text = TextTower::load(vb.pp("text"), &cfg.text, text_cfg, cfg.embed_dim, text_opts)?;
+        let logit_scale = vb.get((), "logit_scale")?;
+        Ok(Self {
+            vision,
+            text,
+            logit_scale,
+            config: cfg.clone(),
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// Loads a checkpoint with its configs onto `device` in `dtype`. Missing or
+    /// mis-shaped tensors come back as [`Error::MissingTensor`] /
+    /// [`Error::TensorShape`] naming the tensor and the file.
+    pub fn load(
+        checkpoint: &Arc<Checkpoint>,
+        cfg: &ClipConfig,
+        text_cfg: &XlmRobertaConfig,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let vb = checkpoint.var_builder(dtype, device);
+        Self::new(vb, cfg, text_cfg, TextOptions::default())
+            .map_err(|e| checkpoint.take_error().unwrap_or(Error::Candle(e)))
+    }
+
+    /// Loads a resolved model's configs and weights.
+    pub fn from_files(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Self> {
+        let cfg = ClipConfig::from_file(&files.config)?;
+        let text_cfg = XlmRobertaConfig::from_file(&files.text_config)?;
+        let ck = Arc::new(Checkpoint::open(&files.weights)?);
+        Self::load(&ck, &cfg, &text_cfg, device, dtype)
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn embed_dim(&self) -> usize {
+        self.config.embed_dim
+    }
+
+    /// L2-normalised image embeddings `(batch, embed_dim)` in f32 from
+    /// preprocessed pixels `(batch, 3, size, size)`.
+    pub fn encode_image(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
+        let x = pixels.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let f = self.vision.forward(&x)?.to_dtype(DType::F32)?;
+        layers::l2_normalize(&f)
+    }
+
+    /// L2-normalised text embeddings `(batch, embed_dim)` in f32 from token ids
+    /// `(batch, len)` padded with the pad token.
+    pub fn encode_text(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let ids = ids.to_device(&self.device)?;
+        let f = self.text.forward(&ids)?.to_dtype(DType::F32)?;
+        layers::l2_normalize(&f)
+    }
+
+    /// `exp(logit_scale)`.
+    pub fn logit_scale_exp(&self) -> candle_core::Result<f32> {
+        self.logit_scale
+            .to_dtype(DType::F32)?
+            .exp()?
+            .to_scalar::<f32>()
+    }
+
+    /// `exp(logit_scale) * images @ texts^T` for normalised embeddings.
+    pub fn logits(&self, images: &Tensor, texts: &Tensor) -> candle_core::Result<Tensor> {
+        let s = self.logit_scale_exp()? as f64;
+        images.matmul(&texts.t()?)? * s
+    }
+}
