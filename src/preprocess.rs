@@ -117,6 +117,82 @@ impl Preprocessor {
         Tensor::from_vec(flat, (images.len(), 3, s, s), device)
     }
 
+    fn check_size(&self, w: u64, h: u64) -> Result<()> {
+        let pixels = w * h;
+        if pixels > self.max_pixels {
+            return Err(Error::ImageTooLarge {
+                width: w as u32,
+                height: h as u32,
+                pixels,
+                limit: self.max_pixels,
+            });
+        }
+        if pixels == 0 {
+            return Err(Error::ImageDecode(format!("image has no pixels ({w}x{h})")));
+        }
+        Ok(())
+    }
+
+    /// JPEG through libjpeg-turbo (as PIL): grayscale stays one channel (PIL's
+    /// `L`), YCbCr/RGB becomes RGB, CMYK/YCCK are converted as PIL converts its
+    /// (Adobe-inverted) `CMYK` mode. A file cut short is an error, as in PIL.
+    fn decode_jpeg(&self, bytes: &[u8]) -> Result<Decoded> {
+        if !jpeg_is_complete(bytes) {
+            return Err(Error::ImageDecode(
+                "JPEG data is truncated (no end-of-image marker after the scan)".into(),
+            ));
+        }
+        let run = || -> Result<Decoded> {
+            let io = |e: std::io::Error| Error::ImageDecode(e.to_string());
+            let d = mozjpeg::Decompress::new_mem(bytes).map_err(io)?;
+            let (w, h) = d.size();
+            self.check_size(w as u64, h as u64)?;
+            use mozjpeg::ColorSpace as Cs;
+            let (channels, data) = match d.color_space() {
+                Cs::JCS_GRAYSCALE => {
+                    let mut s = d.grayscale().map_err(io)?;
+                    let v = s.read_scanlines::<u8>().map_err(io)?;
+                    s.finish().map_err(io)?;
+                    (1, v)
+                }
+                Cs::JCS_CMYK | Cs::JCS_YCCK => {
+                    let mut s = d.to_colorspace(Cs::JCS_CMYK).map_err(io)?;
+                    let v = s.read_scanlines::<u8>().map_err(io)?;
+                    s.finish().map_err(io)?;
+                    (3, cmyk_inverted_to_rgb(&v))
+                }
+                _ => {
+                    let mut s = d.rgb().map_err(io)?;
+                    let v = s.read_scanlines::<u8>().map_err(io)?;
+                    s.finish().map_err(io)?;
+                    (3, v)
+                }
+            };
+            if data.len() != w * h * channels {
+                return Err(Error::ImageDecode("JPEG decoded to the wrong size".into()));
+            }
+            Ok(Decoded {
+                width: w,
+                height: h,
+                channels,
+                data,
+                nearest: false,
+            })
+        };
+        // libjpeg reports fatal errors by unwinding out of its error handler.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+            Ok(r) => r,
+            Err(payload) => {
+                let msg = payload
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "corrupt JPEG data".into());
+                Err(Error::ImageDecode(msg))
+            }
+        }
+    }
+
     fn decode(&self, bytes: &[u8]) -> Result<Decoded> {
         let format = image::guess_format(bytes).map_err(|_| {
             Error::UnsupportedImage("not a JPEG, PNG, WebP, GIF or BMP image".to_string())
@@ -133,23 +209,16 @@ impl Preprocessor {
                 "{format:?} (supported: JPEG, PNG, WebP, GIF, BMP)"
             )));
         }
+        if format == ImageFormat::Jpeg {
+            return self.decode_jpeg(bytes);
+        }
         let reader = || ImageReader::with_format(Cursor::new(bytes), format);
         // The header alone: refuse bombs before any pixel buffer exists.
         let (w, h) = reader()
             .into_dimensions()
             .map_err(|e| Error::ImageDecode(e.to_string()))?;
+        self.check_size(w as u64, h as u64)?;
         let pixels = w as u64 * h as u64;
-        if pixels > self.max_pixels {
-            return Err(Error::ImageTooLarge {
-                width: w,
-                height: h,
-                pixels,
-                limit: self.max_pixels,
-            });
-        }
-        if pixels == 0 {
-            return Err(Error::ImageDecode(format!("image has no pixels ({w}x{h})")));
-        }
         let mut r = reader();
         let mut limits = Limits::default();
         limits.max_image_width = Some(w);
@@ -167,6 +236,33 @@ impl Preprocessor {
         let nearest = uses_nearest(format, bytes);
         Ok(to_pil_layout(img, nearest))
     }
+}
+
+/// A JPEG whose last scan is followed by an end-of-image marker. Entropy-coded
+/// data cannot contain `FF D9` (an `FF` byte there is stuffed as `FF 00`).
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last = |m: u8| bytes.windows(2).rposition(|w| w[0] == 0xFF && w[1] == m);
+    matches!((last(0xDA), last(0xD9)), (Some(sos), Some(eoi)) if eoi > sos)
+}
+
+/// PIL's `CMYK;I` (Adobe-inverted) unpacking followed by `convert("RGB")`:
+/// with ink `c = 255 - p` and `nk = 255 - k`, `r = nk - MULDIV255(c, nk)`.
+fn cmyk_inverted_to_rgb(cmyk: &[u8]) -> Vec<u8> {
+    let muldiv255 = |a: u32, b: u32| {
+        let t = a * b + 128;
+        ((t + (t >> 8)) >> 8) as u8
+    };
+    cmyk.chunks_exact(4)
+        .flat_map(|p| {
+            // libjpeg gives Adobe CMYK inverted: p = 255 - ink.
+            let nk = p[3] as u32; // 255 - k
+            let ch = |v: u8| {
+                let c = 255 - v as u32; // the ink
+                (nk as u8).saturating_sub(muldiv255(c, nk))
+            };
+            [ch(p[0]), ch(p[1]), ch(p[2])]
+        })
+        .collect()
 }
 
 /// Whether PIL would open these bytes as mode `P` or `1` (nearest-neighbour resize).
@@ -361,8 +457,85 @@ fn clip8(v: i32) -> u8 {
     }
 }
 
+/// One separable pass: `src` is `lines x len x c` (a "line" is a row for the
+/// horizontal pass); each output line gets `coef.len()` samples, sample `j`
+/// reading `src` positions `xmin - offset ..` of its line. `stride`/`step`
+/// describe how lines and positions are laid out, so one routine serves both
+/// directions.
+struct Pass<'a> {
+    src: &'a [u8],
+    c: usize,
+    coef: &'a [(usize, Vec<i32>)],
+    offset: usize,
+}
+
+impl Pass<'_> {
+    /// Horizontal: `rows` lines of `width` pixels -> `rows x coef.len()`.
+    fn horizontal(&self, rows: usize, width: usize) -> Vec<u8> {
+        let (c, n) = (self.c, self.coef.len());
+        let half = 1i32 << (PRECISION_BITS - 1);
+        let mut out = vec![0u8; rows * n * c];
+        for r in 0..rows {
+            let line = &self.src[r * width * c..(r + 1) * width * c];
+            let o = &mut out[r * n * c..(r + 1) * n * c];
+            for (xx, (xmin, k)) in self.coef.iter().enumerate() {
+                let base = (xmin - self.offset) * c;
+                for ch in 0..c {
+                    let mut acc = half;
+                    for (i, &kv) in k.iter().enumerate() {
+                        acc += line[base + i * c + ch] as i32 * kv;
+                    }
+                    o[xx * c + ch] = clip8(acc);
+                }
+            }
+        }
+        out
+    }
+
+    /// Vertical: rows of `width` pixels -> `coef.len()` rows of `width`.
+    fn vertical(&self, width: usize) -> Vec<u8> {
+        let stride = width * self.c;
+        let half = 1i32 << (PRECISION_BITS - 1);
+        let mut out = vec![0u8; self.coef.len() * stride];
+        let mut acc = vec![0i32; stride];
+        for (yy, (ymin, k)) in self.coef.iter().enumerate() {
+            acc.fill(half);
+            for (i, &kv) in k.iter().enumerate() {
+                let r = ymin - self.offset + i;
+                for (a, &v) in acc.iter_mut().zip(&self.src[r * stride..(r + 1) * stride]) {
+                    *a += v as i32 * kv;
+                }
+            }
+            for (o, &a) in out[yy * stride..(yy + 1) * stride].iter_mut().zip(&acc) {
+                *o = clip8(a);
+            }
+        }
+        out
+    }
+}
+
+/// The input span `[first, last)` a set of coefficients reads.
+fn span(coef: &[(usize, Vec<i32>)]) -> (usize, usize) {
+    let first = coef.iter().map(|(m, _)| *m).min().unwrap_or(0);
+    let last = coef.iter().map(|(m, k)| m + k.len()).max().unwrap_or(0);
+    (first, last)
+}
+
+/// Copies the `[first, last)` rows and `[x0, x1)` columns of a `w`-wide image.
+fn window(src: &[u8], w: usize, c: usize, rows: (usize, usize), cols: (usize, usize)) -> Vec<u8> {
+    let mut out = Vec::with_capacity((rows.1 - rows.0) * (cols.1 - cols.0) * c);
+    for r in rows.0..rows.1 {
+        out.extend_from_slice(&src[(r * w + cols.0) * c..(r * w + cols.1) * c]);
+    }
+    out
+}
+
 /// PIL's two-pass bicubic resize to `rw x rh`, evaluated only on the crop
-/// window `[x0, x0+size) x [y0, y0+size)`.
+/// window `[x0, x0+size) x [y0, y0+size)`. An axis whose size does not change
+/// is not resampled. With both axes resampled, Pillow (13) runs the vertical
+/// pass first when `in_h - out_h > 0` and `in_h - out_h > 2 * (in_w - out_w)`,
+/// and the horizontal pass first otherwise; the 8-bit rounding between the
+/// passes makes the order visible, so it is followed here.
 #[allow(clippy::too_many_arguments)]
 fn resize_bicubic(
     src: &[u8],
@@ -375,65 +548,57 @@ fn resize_bicubic(
     y0: usize,
     size: usize,
 ) -> Vec<u8> {
+    let identity = |first: usize| -> Vec<(usize, Vec<i32>)> {
+        (first..first + size)
+            .map(|i| (i, vec![1 << PRECISION_BITS]))
+            .collect()
+    };
     let need_h = rw != w;
     let need_v = rh != h;
-    // Source rows the vertical pass reads.
+    let hcoef = if need_h {
+        coefficients(w, rw, x0, size)
+    } else {
+        identity(x0)
+    };
     let vcoef = if need_v {
         coefficients(h, rh, y0, size)
     } else {
-        (y0..y0 + size)
-            .map(|y| (y, vec![1 << PRECISION_BITS]))
-            .collect()
+        identity(y0)
     };
-    let row_first = vcoef.iter().map(|(m, _)| *m).min().unwrap_or(0);
-    let row_last = vcoef.iter().map(|(m, k)| m + k.len()).max().unwrap_or(0);
-    let rows = row_last - row_first;
-
-    // Horizontal pass over the needed rows -> `rows x size x c`.
-    let mut tmp = vec![0u8; rows * size * c];
-    if need_h {
-        let hcoef = coefficients(w, rw, x0, size);
-        let half = 1i32 << (PRECISION_BITS - 1);
-        for r in 0..rows {
-            let line = &src[(row_first + r) * w * c..(row_first + r + 1) * w * c];
-            let out = &mut tmp[r * size * c..(r + 1) * size * c];
-            for (xx, (xmin, k)) in hcoef.iter().enumerate() {
-                for ch in 0..c {
-                    let mut acc = half;
-                    for (i, &kv) in k.iter().enumerate() {
-                        acc += line[(xmin + i) * c + ch] as i32 * kv;
-                    }
-                    out[xx * c + ch] = clip8(acc);
-                }
-            }
+    let (rows, cols) = (span(&vcoef), span(&hcoef));
+    let dy = h as i64 - rh as i64;
+    let vertical_first = need_h && need_v && dy > 0 && dy > 2 * (w as i64 - rw as i64);
+    // Only the source window the crop depends on is touched.
+    let src = window(src, w, c, rows, cols);
+    let width = cols.1 - cols.0;
+    let h_pass = |src: &[u8], lines: usize, offset: usize| {
+        Pass {
+            src,
+            c,
+            coef: &hcoef,
+            offset,
         }
+        .horizontal(lines, width)
+    };
+    if vertical_first {
+        let tmp = Pass {
+            src: &src,
+            c,
+            coef: &vcoef,
+            offset: rows.0,
+        }
+        .vertical(width);
+        h_pass(&tmp, size, cols.0)
     } else {
-        for r in 0..rows {
-            let line = &src[(row_first + r) * w * c..(row_first + r + 1) * w * c];
-            tmp[r * size * c..(r + 1) * size * c].copy_from_slice(&line[x0 * c..(x0 + size) * c]);
+        let tmp = h_pass(&src, rows.1 - rows.0, cols.0);
+        Pass {
+            src: &tmp,
+            c,
+            coef: &vcoef,
+            offset: rows.0,
         }
+        .vertical(size)
     }
-    if !need_v {
-        return tmp;
-    }
-    // Vertical pass.
-    let half = 1i32 << (PRECISION_BITS - 1);
-    let stride = size * c;
-    let mut out = vec![0u8; size * stride];
-    let mut acc = vec![0i32; stride];
-    for (yy, (ymin, k)) in vcoef.iter().enumerate() {
-        acc.fill(half);
-        for (i, &kv) in k.iter().enumerate() {
-            let line = &tmp[(ymin - row_first + i) * stride..(ymin - row_first + i + 1) * stride];
-            for (a, &v) in acc.iter_mut().zip(line) {
-                *a += v as i32 * kv;
-            }
-        }
-        for (o, &a) in out[yy * stride..(yy + 1) * stride].iter_mut().zip(&acc) {
-            *o = clip8(a);
-        }
-    }
-    out
 }
 
 /// PIL's nearest-neighbour resize (`ImagingScaleAffine`: the source coordinate
