@@ -1,0 +1,279 @@
+//! `capivara embed` end to end: its JSON contract, its errors, and model
+//! resolution from a directory and from the Hugging Face cache offline.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+
+fn capivara() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_capivara"));
+    // Never reach the network from tests; use an empty cache unless told.
+    c.env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_CACHE", "/nonexistent-capivara-cache")
+        .env_remove("CAPIVARA_MODEL")
+        .env_remove("HF_HOME");
+    c
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "exit {:?}, stderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout.clone()).unwrap();
+    assert_eq!(text.lines().count(), 1, "exactly one JSON object on stdout");
+    serde_json::from_str(&text).unwrap()
+}
+
+fn matrix(v: &serde_json::Value) -> Vec<Vec<f32>> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+fn assert_one_line_error(out: &Output, needle: &str) {
+    assert!(!out.status.success(), "should fail");
+    assert!(out.stdout.is_empty(), "nothing on stdout when failing");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one line on stderr: {err:?}"
+    );
+    assert!(
+        err.contains(needle),
+        "stderr {err:?} should mention {needle:?}"
+    );
+}
+
+#[test]
+fn embed_prints_reference_embeddings_in_input_order() {
+    let r = reference();
+    let mut cmd = capivara();
+    cmd.args(["embed", "--model"]).arg(tiny_dir());
+    // Texts in reverse order, three images: the output follows the input order.
+    let texts: Vec<&String> = r.texts.iter().rev().collect();
+    for t in &texts {
+        cmd.arg("--text").arg(t);
+    }
+    let images = ["photo.jpg", "rgba.png", "anim.gif"];
+    for i in images {
+        cmd.arg("--image").arg(fixtures().join("images").join(i));
+    }
+    let v = json(&cmd.output().unwrap());
+    assert_eq!(v["model"], tiny_dir().to_str().unwrap());
+    assert_eq!(v["dim"], 32);
+    let got = matrix(&v["texts"]);
+    let want: Vec<Vec<f32>> = r.text_embeddings.iter().rev().cloned().collect();
+    assert!(max_abs_diff(&got, &want) <= 1e-4);
+    let got = matrix(&v["images"]);
+    let want: Vec<Vec<f32>> = images
+        .iter()
+        .map(|n| r.image_embeddings[r.images.iter().position(|x| x == n).unwrap()].clone())
+        .collect();
+    assert!(max_abs_diff(&got, &want) <= 2e-3);
+    for row in got {
+        let norm: f32 = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5, "normalised: {norm}");
+    }
+}
+
+#[test]
+fn absent_kinds_are_empty_lists() {
+    let out = capivara()
+        .args(["embed", "--model"])
+        .arg(tiny_dir())
+        .args(["--text", "um gato"])
+        .output()
+        .unwrap();
+    let v = json(&out);
+    assert_eq!(v["texts"].as_array().unwrap().len(), 1);
+    assert_eq!(v["images"], serde_json::json!([]));
+    let out = capivara()
+        .args(["embed", "--model"])
+        .arg(tiny_dir())
+        .output()
+        .unwrap();
+    let v = json(&out);
+    assert_eq!(v["texts"], serde_json::json!([]));
+    assert_eq!(v["images"], serde_json::json!([]));
+}
+
+#[test]
+fn failures_exit_non_zero_with_one_line() {
+    let bad_dir = capivara()
+        .args(["embed", "--model", "/no/such/model/dir", "--text", "x"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&bad_dir, "/no/such/model/dir");
+
+    let bad_image = capivara()
+        .args(["embed", "--model"])
+        .arg(tiny_dir())
+        .args(["--image", "/no/such/image.png"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&bad_image, "/no/such/image.png");
+
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.png");
+    std::fs::write(&junk, b"not an image").unwrap();
+    let junk_image = capivara()
+        .args(["embed", "--model"])
+        .arg(tiny_dir())
+        .arg("--image")
+        .arg(&junk)
+        .output()
+        .unwrap();
+    assert_one_line_error(&junk_image, "unsupported image format");
+
+    let bad_device = capivara()
+        .args(["embed", "--model"])
+        .arg(tiny_dir())
+        .args(["--device", "tpu"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&bad_device, "unknown device");
+
+    // A hub id that is not in the (empty) cache while offline.
+    let offline = capivara()
+        .args(["embed", "--model", "hiaac-nlp/CAPIVARA", "--text", "x"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&offline, "HF_HUB_OFFLINE");
+}
+
+/// Lays out `files` as a hub cache snapshot of `repo` (the layout
+/// huggingface_hub and hf-hub share).
+fn cache_repo(cache: &Path, repo: &str, files: &[(&str, &Path)]) {
+    let folder = cache.join(format!("models--{}", repo.replace('/', "--")));
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(folder.join("refs")).unwrap();
+    std::fs::write(folder.join("refs/main"), commit).unwrap();
+    let snap = folder.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snap).unwrap();
+    for (name, src) in files {
+        std::fs::copy(src, snap.join(name)).unwrap();
+    }
+}
+
+#[test]
+fn hub_ids_resolve_through_the_offline_cache() {
+    let r = reference();
+    let cache = tempfile::tempdir().unwrap();
+    let t = tiny_dir();
+    // The model repo holds only the open_clip files and the Lightning checkpoint,
+    // as hiaac-nlp/CAPIVARA does; the text config and the tokenizer come from the
+    // repo `text_cfg.hf_model_name` / `hf_tokenizer_name` (`xlm-roberta-base`).
+    cache_repo(
+        cache.path(),
+        "org/tiny-capivara",
+        &[
+            ("open_clip_config.json", &t.join("open_clip_config.json")),
+            ("2kmj76gi.ckpt", &t.join("lightning.ckpt")),
+        ],
+    );
+    cache_repo(
+        cache.path(),
+        "xlm-roberta-base",
+        &[
+            ("config.json", &t.join("text_config.json")),
+            ("tokenizer.json", &t.join("tokenizer.json")),
+        ],
+    );
+    let out = capivara()
+        .env("HF_HUB_CACHE", cache.path())
+        .args([
+            "embed",
+            "--model",
+            "org/tiny-capivara",
+            "--text",
+            &r.texts[0],
+        ])
+        .output()
+        .unwrap();
+    let v = json(&out);
+    assert_eq!(v["model"], "org/tiny-capivara");
+    assert!(max_abs_diff(&matrix(&v["texts"]), &r.text_embeddings[..1]) <= 1e-4);
+
+    // HF_HOME/hub is the default cache location.
+    let home = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(home.path().join("hub")).unwrap();
+    cache_repo(
+        &home.path().join("hub"),
+        "org/tiny-capivara",
+        &[
+            ("open_clip_config.json", &t.join("open_clip_config.json")),
+            (
+                "open_clip_model.safetensors",
+                &t.join("open_clip_model.safetensors"),
+            ),
+            ("text_config.json", &t.join("text_config.json")),
+            ("tokenizer.json", &t.join("tokenizer.json")),
+        ],
+    );
+    let out = capivara()
+        .env_remove("HF_HUB_CACHE")
+        .env("HF_HOME", home.path())
+        .args([
+            "embed",
+            "--model",
+            "org/tiny-capivara",
+            "--text",
+            &r.texts[1],
+        ])
+        .output()
+        .unwrap();
+    assert!(max_abs_diff(&matrix(&json(&out)["texts"]), &r.text_embeddings[1..2]) <= 1e-4);
+
+    // Without the xlm-roberta-base repo the first model cannot find its tokenizer.
+    let cache2 = tempfile::tempdir().unwrap();
+    cache_repo(
+        cache2.path(),
+        "org/tiny-capivara",
+        &[
+            ("open_clip_config.json", &t.join("open_clip_config.json")),
+            ("2kmj76gi.ckpt", &t.join("lightning.ckpt")),
+        ],
+    );
+    let out = capivara()
+        .env("HF_HUB_CACHE", cache2.path())
+        .args(["embed", "--model", "org/tiny-capivara", "--text", "x"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "xlm-roberta-base");
+}
+
+#[test]
+fn local_directory_prefers_safetensors_then_bin_then_ckpt() {
+    let t = tiny_dir();
+    let files = capivara::model::weights::resolve(t.to_str().unwrap()).unwrap();
+    assert_eq!(files.weights, t.join("open_clip_model.safetensors"));
+    assert_eq!(files.tokenizer, t.join("tokenizer.json"));
+    assert_eq!(files.text_config, t.join("text_config.json"));
+
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "open_clip_config.json",
+        "text_config.json",
+        "tokenizer.json",
+        "open_clip_pytorch_model.bin",
+    ] {
+        std::fs::copy(t.join(f), dir.path().join(f)).unwrap();
+    }
+    std::fs::copy(t.join("lightning.ckpt"), dir.path().join("model.ckpt")).unwrap();
+    let files = capivara::model::weights::resolve(dir.path().to_str().unwrap()).unwrap();
+    assert_eq!(
+        files.weights,
+        dir.path().join("open_clip_pytorch_model.bin")
+    );
+    std::fs::remove_file(dir.path().join("open_clip_pytorch_model.bin")).unwrap();
+    let files = capivara::model::weights::resolve(dir.path().to_str().unwrap()).unwrap();
+    assert_eq!(files.weights, dir.path().join("model.ckpt"));
+    std::fs::remove_file(dir.path().join("model.ckpt")).unwrap();
+    let e = capivara::model::weights::resolve(dir.path().to_str().unwrap()).unwrap_err();
+    assert!(e.to_string().contains("no weights"), "{e}");
+}
