@@ -35,3 +35,10 @@ pub fn parse_device(spec: &str) -> Result<candle_core::Device> {
         s => Err(bad(format!("unknown device `{s}` (cpu, cuda, cuda:N)"))),
     }
 }
+
+#[cfg(feature = "wip-server")]
+pub mod engine;
+#[cfg(feature = "server")]
+pub mod index;
+#[cfg(feature = "wip-server")]
+pub mod server;

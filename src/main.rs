@@ -23,8 +23,55 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve zero-shot classification and image search over HTTP.
+    #[cfg(feature = "wip-server")]
+    Serve(ServeArgs),
     /// Print L2-normalised embeddings of texts and images as one JSON object.
     Embed(EmbedArgs),
+    /// Print the OpenAPI document of the HTTP API (openapi/openapi.json).
+    #[cfg(feature = "wip-server")]
+    Openapi,
+}
+
+#[cfg(feature = "wip-server")]
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Model: a local directory or a Hugging Face repo id.
+    #[arg(long, env = "CAPIVARA_MODEL", default_value = DEFAULT_MODEL)]
+    model: String,
+    /// Address to listen on.
+    #[arg(long, env = "CAPIVARA_ADDR", default_value = "127.0.0.1:8080")]
+    addr: std::net::SocketAddr,
+    /// Directory of the index (created if missing).
+    #[arg(long, env = "CAPIVARA_DATA_DIR", default_value = "./capivara-data")]
+    data_dir: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "CAPIVARA_DEVICE", default_value = "cpu")]
+    device: String,
+    /// Weights dtype: f32, f16 or bf16 (f32 is fastest on CPU).
+    #[arg(long, env = "CAPIVARA_DTYPE", default_value = "f32")]
+    dtype: String,
+    /// Most texts or images in one forward pass.
+    #[arg(long, env = "CAPIVARA_MAX_BATCH_SIZE", default_value_t = 32)]
+    max_batch_size: usize,
+    /// Longest wait, in milliseconds, for a batch to fill.
+    #[arg(long, env = "CAPIVARA_MAX_BATCH_WAIT_MS", default_value_t = 5)]
+    max_batch_wait_ms: u64,
+    /// Requests waiting per tower before new ones get 503.
+    #[arg(long, env = "CAPIVARA_QUEUE_CAPACITY", default_value_t = 256)]
+    queue_capacity: usize,
+    /// Largest request body, in bytes.
+    #[arg(long, env = "CAPIVARA_MAX_BODY_BYTES", default_value_t = 32 << 20)]
+    max_body_bytes: usize,
+    /// Largest image, in pixels (width x height), decoded.
+    #[arg(long, env = "CAPIVARA_MAX_IMAGE_PIXELS", default_value_t = capivara::preprocess::DEFAULT_MAX_PIXELS)]
+    max_image_pixels: u64,
+    /// When set, POST /images and DELETE /images/{id} need `Authorization: Bearer <key>`.
+    #[arg(long, env = "CAPIVARA_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Prompt templates, one per line with `{}` for the label (default: Portuguese set).
+    #[arg(long, env = "CAPIVARA_TEMPLATES")]
+    templates: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -95,10 +142,62 @@ fn embed(args: EmbedArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "wip-server")]
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    use capivara::server::{ServeConfig, DEFAULT_TEMPLATES};
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut cfg = ServeConfig::new(&args.model, args.addr, &args.data_dir);
+    cfg.device = capivara::parse_device(&args.device)?;
+    cfg.dtype = parse_dtype(&args.dtype)?;
+    if args.max_batch_size == 0 || args.queue_capacity == 0 {
+        anyhow::bail!("--max-batch-size and --queue-capacity must be at least 1");
+    }
+    cfg.engine.max_batch = args.max_batch_size;
+    cfg.engine.max_wait = std::time::Duration::from_millis(args.max_batch_wait_ms);
+    cfg.engine.queue_capacity = args.queue_capacity;
+    cfg.limits.max_body_bytes = args.max_body_bytes;
+    cfg.limits.max_pixels = args.max_image_pixels;
+    cfg.api_key = args.api_key.filter(|k| !k.is_empty());
+    cfg.templates = match &args.templates {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let t: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from)
+                .collect();
+            if t.is_empty() {
+                anyhow::bail!("{}: no templates", path.display());
+            }
+            t
+        }
+        None => DEFAULT_TEMPLATES.iter().map(|s| s.to_string()).collect(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(capivara::server::run(cfg))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        #[cfg(feature = "wip-server")]
+        Command::Serve(args) => serve(args),
         Command::Embed(args) => embed(args),
+        #[cfg(feature = "wip-server")]
+        Command::Openapi => {
+            print!("{}", capivara::server::openapi::document());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

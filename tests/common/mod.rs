@@ -8,6 +8,9 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
+#[cfg(feature = "wip-server")]
+pub mod server;
+
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }

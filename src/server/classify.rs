@@ -1,0 +1,240 @@
+//! `POST /classify`: zero-shot classification of one image against labels.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::error::{ApiError, ErrorBody};
+use super::input::{
+    decode_base64, field_bytes, field_text, next_field, parse_json, preprocess_all, Payload,
+};
+use super::AppState;
+
+/// JSON form of a classification request.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifyRequest {
+    /// The image, base64 (JPEG, PNG, WebP, GIF, BMP).
+    pub image: String,
+    /// Candidate labels, 1..=1000.
+    pub labels: Vec<String>,
+    /// Prompt templates with `{}` for the label; default: the server's set.
+    #[serde(default)]
+    pub templates: Option<Vec<String>>,
+    /// Return only the best `top_k` labels (default: all).
+    #[serde(default)]
+    pub top_k: Option<usize>,
+}
+
+/// The multipart form of a classification request (documentation only).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct ClassifyForm {
+    /// The image file.
+    #[schema(format = Binary, content_media_type = "application/octet-stream")]
+    image: String,
+    /// Labels: repeat the field, or give a JSON array, or a comma-separated list.
+    labels: Vec<String>,
+    /// Templates: repeat the field or give a JSON array.
+    templates: Option<Vec<String>>,
+    top_k: Option<usize>,
+}
+
+/// One label and its probability.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Prediction {
+    pub label: String,
+    pub score: f32,
+}
+
+/// Labels sorted by probability (softmax over all labels, summing to 1).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ClassifyResponse {
+    pub predictions: Vec<Prediction>,
+}
+
+/// Splits a multipart `labels`/`templates` value: a JSON array, else a
+/// comma-separated list.
+fn list_field(text: &str, comma: bool) -> Vec<String> {
+    if let Ok(v) = serde_json::from_str::<Vec<String>>(text) {
+        return v;
+    }
+    if comma {
+        text.split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    } else {
+        vec![text.to_string()]
+    }
+}
+
+async fn read(payload: Payload) -> Result<(Vec<u8>, ClassifyRequestParts), ApiError> {
+    match payload {
+        Payload::Json(b) => {
+            let r: ClassifyRequest = parse_json(&b)?;
+            let image = decode_base64("image", &r.image)?;
+            Ok((
+                image,
+                ClassifyRequestParts {
+                    labels: r.labels,
+                    templates: r.templates,
+                    top_k: r.top_k,
+                },
+            ))
+        }
+        Payload::Multipart(mut mp) => {
+            let (mut image, mut labels, mut templates, mut top_k) =
+                (None, Vec::new(), None::<Vec<String>>, None);
+            while let Some(field) = next_field(&mut mp).await? {
+                match field.name().unwrap_or("") {
+                    "image" => image = Some(field_bytes(field).await?.to_vec()),
+                    "labels" | "label" => {
+                        labels.extend(list_field(&field_text(field).await?, true))
+                    }
+                    "templates" | "template" => templates
+                        .get_or_insert_with(Vec::new)
+                        .extend(list_field(&field_text(field).await?, false)),
+                    "top_k" => {
+                        let t = field_text(field).await?;
+                        top_k = Some(t.trim().parse().map_err(|_| {
+                            ApiError::bad_request(
+                                "invalid_top_k",
+                                format!("top_k `{t}` is not a positive integer"),
+                            )
+                        })?)
+                    }
+                    other => {
+                        return Err(ApiError::bad_request(
+                            "invalid_body",
+                            format!(
+                            "unknown multipart field `{other}` (image, labels, templates, top_k)"
+                        ),
+                        ))
+                    }
+                }
+            }
+            let image = image.ok_or_else(|| {
+                ApiError::bad_request("missing_image", "the form has no `image` file")
+            })?;
+            Ok((
+                image,
+                ClassifyRequestParts {
+                    labels,
+                    templates,
+                    top_k,
+                },
+            ))
+        }
+    }
+}
+
+struct ClassifyRequestParts {
+    labels: Vec<String>,
+    templates: Option<Vec<String>>,
+    top_k: Option<usize>,
+}
+
+/// Zero-shot classification: the probability of each label for the image.
+#[utoipa::path(post, path = "/classify", tag = "classify",
+    request_body(description = "JSON with a base64 image, or a multipart form with an image file",
+        content((ClassifyRequest = "application/json"), (ClassifyForm = "multipart/form-data"))),
+    responses(
+        (status = 200, description = "Labels sorted by probability", body = ClassifyResponse),
+        (status = 400, description = "Invalid request (labels, top_k, base64, undecodable image)", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Unsupported content type or image format", body = ErrorBody),
+        (status = 422, description = "Image has too many pixels", body = ErrorBody),
+        (status = 503, description = "Overloaded: retry after the Retry-After seconds", body = ErrorBody),
+    ))]
+pub async fn classify(
+    State(state): State<Arc<AppState>>,
+    payload: Payload,
+) -> Result<Json<ClassifyResponse>, ApiError> {
+    let (image, req) = read(payload).await?;
+    let limits = &state.config.limits;
+    if req.labels.is_empty() || req.labels.len() > limits.max_labels {
+        return Err(ApiError::bad_request(
+            "invalid_labels",
+            format!(
+                "give 1 to {} labels (got {})",
+                limits.max_labels,
+                req.labels.len()
+            ),
+        ));
+    }
+    for l in &req.labels {
+        if l.trim().is_empty() || l.chars().count() > limits.max_label_chars {
+            return Err(ApiError::bad_request(
+                "invalid_labels",
+                format!(
+                    "each label must be 1 to {} characters",
+                    limits.max_label_chars
+                ),
+            ));
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = req.labels.iter().find(|l| !seen.insert(l.as_str())) {
+        return Err(ApiError::bad_request(
+            "invalid_labels",
+            format!("label `{dup}` is given twice"),
+        ));
+    }
+    let templates = match req.templates {
+        Some(t) => {
+            if t.is_empty() || t.len() > limits.max_templates {
+                return Err(ApiError::bad_request(
+                    "invalid_templates",
+                    format!("give 1 to {} templates", limits.max_templates),
+                ));
+            }
+            if t.iter()
+                .any(|s| s.trim().is_empty() || s.chars().count() > limits.max_label_chars)
+            {
+                return Err(ApiError::bad_request(
+                    "invalid_templates",
+                    format!(
+                        "each template must be 1 to {} characters",
+                        limits.max_label_chars
+                    ),
+                ));
+            }
+            t
+        }
+        None => state.config.templates.clone(),
+    };
+    if req.top_k == Some(0) {
+        return Err(ApiError::bad_request(
+            "invalid_top_k",
+            "top_k must be at least 1",
+        ));
+    }
+    let pixels = preprocess_all(&state, vec![image]).await?;
+    // The image pass and the (cached) label pass run concurrently.
+    let (img, classes) = tokio::join!(
+        state.loaded()?.embedder.embed_pixels(pixels),
+        state
+            .loaded()?
+            .embedder
+            .class_embeddings(&req.labels, &templates)
+    );
+    let img = img?
+        .pop()
+        .ok_or_else(|| ApiError::internal("no image embedding"))?;
+    let probs = state.loaded()?.embedder.zero_shot(&img, &classes?);
+    let mut predictions: Vec<Prediction> = req
+        .labels
+        .into_iter()
+        .zip(probs)
+        .map(|(label, score)| Prediction { label, score })
+        .collect();
+    predictions.sort_by(|a, b| b.score.total_cmp(&a.score));
+    if let Some(k) = req.top_k {
+        predictions.truncate(k);
+    }
+    Ok(Json(ClassifyResponse { predictions }))
+}

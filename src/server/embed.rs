@@ -1,0 +1,111 @@
+//! `POST /embed/text`, `POST /embed/image`: raw normalised embeddings.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::error::{ApiError, ErrorBody};
+use super::input::{decode_base64, preprocess_all, JsonBody};
+use super::AppState;
+
+/// Texts to embed.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedTextRequest {
+    pub texts: Vec<String>,
+}
+
+/// Images to embed, base64.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedImageRequest {
+    pub images: Vec<String>,
+}
+
+/// L2-normalised embeddings in request order.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct EmbeddingsResponse {
+    pub embeddings: Vec<Vec<f32>>,
+}
+
+/// Embeds texts.
+#[utoipa::path(post, path = "/embed/text", tag = "embed",
+    request_body(content = EmbedTextRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "One embedding per text", body = EmbeddingsResponse),
+        (status = 400, description = "No texts, too many, or one too long", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 503, description = "Overloaded: retry after the Retry-After seconds", body = ErrorBody),
+    ))]
+pub async fn embed_text(
+    State(state): State<Arc<AppState>>,
+    JsonBody(req): JsonBody<EmbedTextRequest>,
+) -> Result<Json<EmbeddingsResponse>, ApiError> {
+    let limits = &state.config.limits;
+    if req.texts.is_empty() || req.texts.len() > limits.max_texts {
+        return Err(ApiError::bad_request(
+            "invalid_texts",
+            format!(
+                "give 1 to {} texts (got {})",
+                limits.max_texts,
+                req.texts.len()
+            ),
+        ));
+    }
+    if req
+        .texts
+        .iter()
+        .any(|t| t.chars().count() > limits.max_query_chars)
+    {
+        return Err(ApiError::bad_request(
+            "invalid_texts",
+            format!(
+                "each text must be at most {} characters",
+                limits.max_query_chars
+            ),
+        ));
+    }
+    let embeddings = state.loaded()?.embedder.embed_texts(req.texts).await?;
+    Ok(Json(EmbeddingsResponse { embeddings }))
+}
+
+/// Embeds images.
+#[utoipa::path(post, path = "/embed/image", tag = "embed",
+    request_body(content = EmbedImageRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "One embedding per image", body = EmbeddingsResponse),
+        (status = 400, description = "No images, too many, bad base64 or undecodable image", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not JSON, or unsupported image format", body = ErrorBody),
+        (status = 422, description = "Image has too many pixels", body = ErrorBody),
+        (status = 503, description = "Overloaded: retry after the Retry-After seconds", body = ErrorBody),
+    ))]
+pub async fn embed_image(
+    State(state): State<Arc<AppState>>,
+    JsonBody(req): JsonBody<EmbedImageRequest>,
+) -> Result<Json<EmbeddingsResponse>, ApiError> {
+    let limits = &state.config.limits;
+    if req.images.is_empty() || req.images.len() > limits.max_images {
+        return Err(ApiError::bad_request(
+            "invalid_images",
+            format!(
+                "give 1 to {} images (got {})",
+                limits.max_images,
+                req.images.len()
+            ),
+        ));
+    }
+    let bytes = req
+        .images
+        .iter()
+        .enumerate()
+        .map(|(i, s)| decode_base64(&format!("images[{i}]"), s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let pixels = preprocess_all(&state, bytes).await?;
+    let embeddings = state.loaded()?.embedder.embed_pixels(pixels).await?;
+    Ok(Json(EmbeddingsResponse { embeddings }))
+}

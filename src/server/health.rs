@@ -1,0 +1,54 @@
+//! `GET /healthz` (alive) and `GET /readyz` (model loaded and warmed up).
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::error::{ApiError, ErrorBody};
+use super::AppState;
+
+/// Liveness or readiness.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Status {
+    /// `ok` or `ready`.
+    pub status: String,
+}
+
+/// The process is alive.
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "Alive", body = Status)))]
+pub async fn healthz() -> Json<Status> {
+    Json(Status {
+        status: "ok".into(),
+    })
+}
+
+/// The model is loaded and warmed up, the index is open.
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses(
+        (status = 200, description = "Ready to serve", body = Status),
+        (status = 503, description = "Still loading", body = ErrorBody),
+    ))]
+pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Status>, ApiError> {
+    state.loaded()?;
+    Ok(Json(Status {
+        status: "ready".into(),
+    }))
+}
+
+impl AppState {
+    /// The loaded model and index, or 503 while loading.
+    pub fn loaded(&self) -> Result<&super::Loaded, ApiError> {
+        self.loaded.get().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_ready",
+                "the model is still loading",
+            )
+        })
+    }
+}

@@ -1,0 +1,299 @@
+//! `POST /images` (ingest), `GET /images/{id}`, `DELETE /images/{id}`.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::error::{ApiError, ErrorBody};
+use super::input::{
+    decode_base64, field_bytes, field_text, next_field, parse_json, preprocess_all, require_key,
+    Payload,
+};
+use super::AppState;
+use crate::index::Item;
+
+/// One image to ingest.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IngestImage {
+    /// The image, base64.
+    pub image: String,
+    /// Its id (1-128 characters of `A-Z a-z 0-9 . _ -`); generated when absent.
+    /// An existing id is replaced.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Any JSON object, returned with search results.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// JSON form of an ingest request.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IngestRequest {
+    pub images: Vec<IngestImage>,
+}
+
+/// The multipart form of an ingest (documentation only): `image` files, each
+/// optionally followed by its `id` and `metadata` (JSON) fields.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct IngestForm {
+    #[schema(format = Binary, content_media_type = "application/octet-stream")]
+    image: Vec<String>,
+    id: Option<Vec<String>>,
+    metadata: Option<Vec<String>>,
+}
+
+/// The ids of the ingested images, in request order.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct IngestResponse {
+    pub ids: Vec<String>,
+}
+
+/// An indexed image's metadata.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ImageInfo {
+    pub id: String,
+    #[schema(value_type = Object)]
+    pub metadata: serde_json::Value,
+}
+
+/// The answer to a delete.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Deleted {
+    pub id: String,
+    pub deleted: bool,
+}
+
+/// The rule the index enforces, checked before any model work.
+pub fn valid_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+fn new_id() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..16)
+        .map(|_| format!("{:x}", rng.random_range(0..16u8)))
+        .collect()
+}
+
+struct Upload {
+    bytes: Vec<u8>,
+    id: Option<String>,
+    metadata: Option<serde_json::Value>,
+}
+
+async fn read(payload: Payload) -> Result<Vec<Upload>, ApiError> {
+    match payload {
+        Payload::Json(b) => {
+            let r: IngestRequest = parse_json(&b)?;
+            r.images
+                .into_iter()
+                .enumerate()
+                .map(|(i, im)| {
+                    Ok(Upload {
+                        bytes: decode_base64(&format!("images[{i}].image"), &im.image)?,
+                        id: im.id,
+                        metadata: im.metadata,
+                    })
+                })
+                .collect()
+        }
+        Payload::Multipart(mut mp) => {
+            let mut out: Vec<Upload> = Vec::new();
+            while let Some(field) = next_field(&mut mp).await? {
+                let name = field.name().unwrap_or("").to_string();
+                match name.as_str() {
+                    "image" => out.push(Upload {
+                        bytes: field_bytes(field).await?.to_vec(),
+                        id: None,
+                        metadata: None,
+                    }),
+                    "id" | "metadata" => {
+                        let text = field_text(field).await?;
+                        let last = out.last_mut().ok_or_else(|| {
+                            ApiError::bad_request(
+                                "invalid_body",
+                                format!("`{name}` must follow the `image` it belongs to"),
+                            )
+                        })?;
+                        if name == "id" {
+                            last.id = Some(text);
+                        } else {
+                            last.metadata = Some(serde_json::from_str(&text).map_err(|e| {
+                                ApiError::bad_request(
+                                    "invalid_metadata",
+                                    format!("metadata is not JSON: {e}"),
+                                )
+                            })?);
+                        }
+                    }
+                    other => {
+                        return Err(ApiError::bad_request(
+                            "invalid_body",
+                            format!("unknown multipart field `{other}` (image, id, metadata)"),
+                        ))
+                    }
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Adds images to the index. Answered only once they are durable.
+#[utoipa::path(post, path = "/images", tag = "images",
+    request_body(description = "JSON with base64 images, or a multipart form of image files",
+        content((IngestRequest = "application/json"), (IngestForm = "multipart/form-data"))),
+    responses(
+        (status = 200, description = "Ingested and durable", body = IngestResponse),
+        (status = 400, description = "Invalid request (ids, metadata, base64, undecodable image)", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Unsupported content type or image format", body = ErrorBody),
+        (status = 422, description = "Image has too many pixels", body = ErrorBody),
+        (status = 503, description = "Overloaded: retry after the Retry-After seconds", body = ErrorBody),
+        (status = 507, description = "The data directory is full", body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub async fn ingest(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    payload: Payload,
+) -> Result<Json<IngestResponse>, ApiError> {
+    require_key(&state, &headers)?;
+    let uploads = read(payload).await?;
+    let limits = &state.config.limits;
+    if uploads.is_empty() || uploads.len() > limits.max_images {
+        return Err(ApiError::bad_request(
+            "invalid_images",
+            format!(
+                "give 1 to {} images (got {})",
+                limits.max_images,
+                uploads.len()
+            ),
+        ));
+    }
+    let mut ids = Vec::with_capacity(uploads.len());
+    let mut metas = Vec::with_capacity(uploads.len());
+    let mut images = Vec::with_capacity(uploads.len());
+    for (i, u) in uploads.into_iter().enumerate() {
+        let id = match u.id {
+            Some(id) if !valid_id(&id) => {
+                return Err(ApiError::bad_request(
+                    "invalid_id",
+                    format!("id of image {i} must be 1-128 characters of A-Z a-z 0-9 . _ - (and not . or ..)"),
+                ))
+            }
+            Some(id) => id,
+            None => new_id(),
+        };
+        if ids.contains(&id) {
+            return Err(ApiError::bad_request(
+                "invalid_id",
+                format!("id `{id}` appears twice"),
+            ));
+        }
+        let metadata = u.metadata.unwrap_or_else(|| serde_json::json!({}));
+        if !metadata.is_object() {
+            return Err(ApiError::bad_request(
+                "invalid_metadata",
+                format!("metadata of image {i} must be a JSON object"),
+            ));
+        }
+        if metadata.to_string().len() > limits.max_metadata_bytes {
+            return Err(ApiError::bad_request(
+                "invalid_metadata",
+                format!(
+                    "metadata of image {i} is larger than {} bytes",
+                    limits.max_metadata_bytes
+                ),
+            ));
+        }
+        ids.push(id);
+        metas.push(metadata);
+        images.push(u.bytes);
+    }
+    let pixels = preprocess_all(&state, images).await?;
+    let vectors = state.loaded()?.embedder.embed_pixels(pixels).await?;
+    let items: Vec<Item> = ids
+        .iter()
+        .zip(vectors)
+        .zip(metas)
+        .map(|((id, vector), metadata)| Item {
+            id: id.clone(),
+            vector,
+            metadata,
+        })
+        .collect();
+    let index = state.loaded()?.index.clone();
+    tokio::task::spawn_blocking(move || index.insert(items))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
+    Ok(Json(IngestResponse { ids }))
+}
+
+/// An indexed image's metadata.
+#[utoipa::path(get, path = "/images/{id}", tag = "images",
+    params(("id" = String, Path, description = "The image id")),
+    responses(
+        (status = 200, description = "The image's metadata", body = ImageInfo),
+        (status = 400, description = "Invalid id", body = ErrorBody),
+        (status = 404, description = "No such image", body = ErrorBody),
+    ))]
+pub async fn get_image(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<ImageInfo>, ApiError> {
+    if !valid_id(&id) {
+        return Err(ApiError::bad_request("invalid_id", "invalid image id"));
+    }
+    match state.loaded()?.index.get(&id) {
+        Some(metadata) => Ok(Json(ImageInfo { id, metadata })),
+        None => Err(ApiError::not_found(format!("no image with id `{id}`"))),
+    }
+}
+
+/// Removes an image from the index (durable when answered).
+#[utoipa::path(delete, path = "/images/{id}", tag = "images",
+    params(("id" = String, Path, description = "The image id")),
+    responses(
+        (status = 200, description = "Deleted", body = Deleted),
+        (status = 400, description = "Invalid id", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 404, description = "No such image", body = ErrorBody),
+        (status = 507, description = "The data directory is full", body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub async fn delete_image(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Deleted>, ApiError> {
+    require_key(&state, &headers)?;
+    if !valid_id(&id) {
+        return Err(ApiError::bad_request("invalid_id", "invalid image id"));
+    }
+    let index = state.loaded()?.index.clone();
+    let key = id.clone();
+    let deleted = tokio::task::spawn_blocking(move || index.delete(&key))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
+    if deleted {
+        Ok(Json(Deleted { id, deleted }))
+    } else {
+        Err(ApiError::not_found(format!("no image with id `{id}`")))
+    }
+}

@@ -1,0 +1,179 @@
+//! Prometheus metrics, in a registry of the app's own (several apps can live in
+//! one process, as the tests do).
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::engine::EngineObserver;
+
+/// Every metric the server exports.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    latency: HistogramVec,
+    batch_size: HistogramVec,
+    queue_depth: IntGaugeVec,
+    forward: HistogramVec,
+    pub index_size: IntGauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("capivara".into()), None).expect("registry");
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "http_requests_total",
+                "HTTP requests by route, method and status",
+            ),
+            &["route", "method", "status"],
+        )
+        .expect("metric");
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "http_request_duration_seconds",
+                "HTTP request latency by route",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["route"],
+        )
+        .expect("metric");
+        let batch_size = HistogramVec::new(
+            HistogramOpts::new("batch_size", "Items per model forward pass")
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+            &["tower"],
+        )
+        .expect("metric");
+        let queue_depth = IntGaugeVec::new(
+            Opts::new("queue_depth", "Requests waiting per tower"),
+            &["tower"],
+        )
+        .expect("metric");
+        let forward = HistogramVec::new(
+            HistogramOpts::new("model_forward_seconds", "Duration of one forward pass").buckets(
+                vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ],
+            ),
+            &["tower"],
+        )
+        .expect("metric");
+        let index_size = IntGauge::new("index_size", "Live images in the index").expect("metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(latency.clone()),
+            Box::new(batch_size.clone()),
+            Box::new(queue_depth.clone()),
+            Box::new(forward.clone()),
+            Box::new(index_size.clone()),
+        ] {
+            registry.register(c).expect("unique metric names");
+        }
+        // Export every per-tower series from the start, at zero.
+        for tower in ["text", "image"] {
+            batch_size.with_label_values(&[tower]);
+            forward.with_label_values(&[tower]);
+            queue_depth.with_label_values(&[tower]).set(0);
+        }
+        Self {
+            registry,
+            requests,
+            latency,
+            batch_size,
+            queue_depth,
+            forward,
+            index_size,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("encoding metrics");
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl EngineObserver for Metrics {
+    fn batch(&self, tower: &'static str, items: usize, seconds: f64) {
+        self.batch_size
+            .with_label_values(&[tower])
+            .observe(items as f64);
+        self.forward.with_label_values(&[tower]).observe(seconds);
+    }
+
+    fn queue_depth(&self, tower: &'static str, depth: usize) {
+        self.queue_depth
+            .with_label_values(&[tower])
+            .set(depth as i64);
+    }
+}
+
+/// Counts and times every request by its route template (not its raw path, so
+/// ids do not explode the label set).
+pub async fn track(
+    State(metrics): State<std::sync::Arc<Metrics>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().to_string();
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    metrics
+        .requests
+        .with_label_values(&[&route, &method, resp.status().as_str()])
+        .inc();
+    metrics
+        .latency
+        .with_label_values(&[&route])
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// `GET /metrics`.
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses((status = 200, description = "Prometheus text exposition format", body = String, content_type = "text/plain")))]
+pub async fn metrics(State(state): State<std::sync::Arc<super::AppState>>) -> impl IntoResponse {
+    if let Ok(l) = state.loaded() {
+        let (t, i) = l.embedder.queue_depths();
+        state
+            .metrics
+            .queue_depth
+            .with_label_values(&["text"])
+            .set(t as i64);
+        state
+            .metrics
+            .queue_depth
+            .with_label_values(&["image"])
+            .set(i as i64);
+        state.metrics.index_size.set(l.index.len() as i64);
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        state.metrics.render(),
+    )
+}

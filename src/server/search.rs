@@ -1,0 +1,122 @@
+//! `POST /search`: text (or image) -> the most similar indexed images.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::error::{ApiError, ErrorBody};
+use super::input::{decode_base64, preprocess_all, JsonBody};
+use super::AppState;
+
+fn default_k() -> usize {
+    10
+}
+
+/// A search by text (`query`) or by example image (`image`, base64).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SearchRequest {
+    /// Text to search for, e.g. "um cachorro na praia".
+    #[serde(default)]
+    pub query: Option<String>,
+    /// An example image, base64 (instead of `query`).
+    #[serde(default)]
+    pub image: Option<String>,
+    /// How many results, 1..=1000.
+    #[serde(default = "default_k")]
+    pub k: usize,
+}
+
+/// One result: the image's id, its cosine similarity, its metadata.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SearchResult {
+    pub id: String,
+    pub score: f32,
+    #[schema(value_type = Object)]
+    pub metadata: serde_json::Value,
+}
+
+/// Results, best first.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SearchResponse {
+    pub results: Vec<SearchResult>,
+}
+
+/// Text-to-image (or image-to-image) search over the index.
+#[utoipa::path(post, path = "/search", tag = "search",
+    request_body(content = SearchRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The best matches, best first", body = SearchResponse),
+        (status = 400, description = "Empty query, both or neither of query/image, k out of range", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not JSON, or unsupported image format", body = ErrorBody),
+        (status = 422, description = "Image has too many pixels", body = ErrorBody),
+        (status = 503, description = "Overloaded: retry after the Retry-After seconds", body = ErrorBody),
+    ))]
+pub async fn search(
+    State(state): State<Arc<AppState>>,
+    JsonBody(req): JsonBody<SearchRequest>,
+) -> Result<Json<SearchResponse>, ApiError> {
+    let limits = &state.config.limits;
+    if req.k == 0 || req.k > limits.max_k {
+        return Err(ApiError::bad_request(
+            "invalid_k",
+            format!("k must be between 1 and {} (got {})", limits.max_k, req.k),
+        ));
+    }
+    let vector = match (req.query, req.image) {
+        (Some(q), None) => {
+            if q.trim().is_empty() {
+                return Err(ApiError::bad_request("empty_query", "the query is empty"));
+            }
+            if q.chars().count() > limits.max_query_chars {
+                return Err(ApiError::bad_request(
+                    "query_too_long",
+                    format!(
+                        "the query is longer than {} characters",
+                        limits.max_query_chars
+                    ),
+                ));
+            }
+            state.loaded()?.embedder.embed_texts(vec![q]).await?
+        }
+        (None, Some(img)) => {
+            let bytes = decode_base64("image", &img)?;
+            let px = preprocess_all(&state, vec![bytes]).await?;
+            state.loaded()?.embedder.embed_pixels(px).await?
+        }
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                "give either `query` or `image`, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(ApiError::bad_request(
+                "empty_query",
+                "give a `query` (text) or an `image`",
+            ))
+        }
+    };
+    let v = vector
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::internal("no embedding"))?;
+    let index = state.loaded()?.index.clone();
+    let hits = tokio::task::spawn_blocking(move || index.search(&v, req.k))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
+    Ok(Json(SearchResponse {
+        results: hits
+            .into_iter()
+            .map(|h| SearchResult {
+                id: h.id,
+                score: h.score,
+                metadata: h.metadata,
+            })
+            .collect(),
+    }))
+}

@@ -1,0 +1,351 @@
+//! A capivara server on 127.0.0.1 for the tests: in-process (its own runtime)
+//! or as a child process, and a small blocking HTTP client.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use capivara::server::{RunningServer, ServeConfig};
+use serde_json::Value;
+
+use super::tiny_dir;
+
+pub struct Http {
+    pub base: String,
+    agent: ureq::Agent,
+}
+
+/// A response: status, headers we care about, body as JSON (or text).
+pub struct Resp {
+    pub status: u16,
+    pub retry_after: Option<String>,
+    pub content_type: String,
+    pub text: String,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
+    }
+
+    /// Asserts the one error shape and returns its code.
+    pub fn error_code(&self) -> String {
+        let v = self.json();
+        let code = v["error"]["code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error.code in {v}"));
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "no message in {v}"
+        );
+        code.to_string()
+    }
+}
+
+impl Http {
+    pub fn new(addr: SocketAddr) -> Self {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build()
+            .into();
+        Self {
+            base: format!("http://{addr}"),
+            agent,
+        }
+    }
+
+    fn finish(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Resp {
+        let mut r = r.expect("request failed at the transport level");
+        let status = r.status().as_u16();
+        let h = |n: &str| {
+            r.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(String::from)
+        };
+        let retry_after = h("retry-after");
+        let content_type = h("content-type").unwrap_or_default();
+        let mut text = String::new();
+        r.body_mut()
+            .with_config()
+            .limit(256 << 20)
+            .reader()
+            .read_to_string(&mut text)
+            .unwrap();
+        Resp {
+            status,
+            retry_after,
+            content_type,
+            text,
+        }
+    }
+
+    pub fn get(&self, path: &str) -> Resp {
+        Self::finish(self.agent.get(format!("{}{path}", self.base)).call())
+    }
+
+    pub fn delete(&self, path: &str, key: Option<&str>) -> Resp {
+        let mut req = self.agent.delete(format!("{}{path}", self.base));
+        if let Some(k) = key {
+            req = req.header("Authorization", format!("Bearer {k}"));
+        }
+        Self::finish(req.call())
+    }
+
+    pub fn post_json(&self, path: &str, body: &Value) -> Resp {
+        self.post_raw(
+            path,
+            "application/json",
+            body.to_string().into_bytes(),
+            None,
+        )
+    }
+
+    pub fn post_json_key(&self, path: &str, body: &Value, key: &str) -> Resp {
+        self.post_raw(
+            path,
+            "application/json",
+            body.to_string().into_bytes(),
+            Some(key),
+        )
+    }
+
+    pub fn post_raw(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+        key: Option<&str>,
+    ) -> Resp {
+        let mut req = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Content-Type", content_type);
+        if let Some(k) = key {
+            req = req.header("Authorization", format!("Bearer {k}"));
+        }
+        Self::finish(req.send(&body[..]))
+    }
+
+    /// A multipart/form-data body from (name, filename, bytes) parts.
+    pub fn post_multipart(
+        &self,
+        path: &str,
+        parts: &[(&str, Option<&str>, &[u8])],
+        key: Option<&str>,
+    ) -> Resp {
+        let boundary = "capivara-test-boundary-7MA4YWxkTrZu0gW";
+        let mut body = Vec::new();
+        for (name, filename, data) in parts {
+            body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+            match filename {
+                Some(f) => body.extend_from_slice(
+                    format!(
+                        "Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+                    )
+                    .as_bytes(),
+                ),
+                None => body.extend_from_slice(format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes()),
+            }
+            body.extend_from_slice(data);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        self.post_raw(
+            path,
+            &format!("multipart/form-data; boundary={boundary}"),
+            body,
+            key,
+        )
+    }
+
+    pub fn wait_ready(&self, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let ok = self
+                .agent
+                .get(format!("{}/readyz", self.base))
+                .call()
+                .map(|r| r.status().as_u16() == 200)
+                .unwrap_or(false);
+            if ok {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "server not ready after {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// An in-process server with its own runtime.
+pub struct TestServer {
+    pub http: Http,
+    pub data_dir: PathBuf,
+    rt: tokio::runtime::Runtime,
+    server: Option<RunningServer>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl TestServer {
+    pub fn start(configure: impl FnOnce(&mut ServeConfig)) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().to_path_buf();
+        let mut s = Self::start_in(&data, configure);
+        s._tmp = Some(tmp);
+        s
+    }
+
+    pub fn start_in(data_dir: &Path, configure: impl FnOnce(&mut ServeConfig)) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut cfg = ServeConfig::new(
+            tiny_dir().to_str().unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+            data_dir,
+        );
+        configure(&mut cfg);
+        let (server, loaded) = rt.block_on(capivara::server::start(cfg)).unwrap();
+        rt.block_on(loaded).unwrap().unwrap();
+        Self {
+            http: Http::new(server.addr),
+            data_dir: data_dir.to_path_buf(),
+            rt,
+            server: Some(server),
+            _tmp: None,
+        }
+    }
+
+    pub fn state(&self) -> &capivara::server::AppState {
+        &self.server.as_ref().unwrap().state
+    }
+
+    pub fn stop(mut self) {
+        if let Some(s) = self.server.take() {
+            self.rt.block_on(s.shutdown()).unwrap();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            let _ = self.rt.block_on(s.shutdown());
+        }
+    }
+}
+
+/// `capivara serve` as a child process on a free port.
+pub struct ChildServer {
+    pub http: Http,
+    pub child: Child,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl ChildServer {
+    pub fn spawn(data_dir: &Path, extra: &[&str]) -> Self {
+        Self::spawn_env(data_dir, extra, &[])
+    }
+
+    pub fn spawn_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_capivara"))
+            .arg("serve")
+            .arg("--model")
+            .arg(tiny_dir())
+            .arg("--addr")
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env("HF_HUB_OFFLINE", "1")
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let http = Http::new(addr);
+        http.wait_ready(Duration::from_secs(60));
+        Self { http, child }
+    }
+
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "no exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A small PNG of one colour with a square of another: distinct, deterministic images.
+pub fn test_png(seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2654435761).wrapping_add(12345);
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        (x % 256) as u8
+    };
+    let (bg, fg) = ([next(), next(), next()], [next(), next(), next()]);
+    let (w, h) = (40 + (next() as u32 % 40), 40 + (next() as u32 % 40));
+    let (sx, sy) = (next() as u32 % (w / 2), next() as u32 % (h / 2));
+    let img = image::RgbImage::from_fn(w, h, |i, j| {
+        if i >= sx && i < sx + w / 3 && j >= sy && j < sy + h / 3 {
+            image::Rgb(fg)
+        } else {
+            image::Rgb(bg)
+        }
+    });
+    let mut out = Vec::new();
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out
+}
+
+pub fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}

@@ -1,0 +1,726 @@
+#![cfg(feature = "wip-server")]
+//! The HTTP server over real HTTP on 127.0.0.1 with the tiny fixture model:
+//! every endpoint's success path checked against the model itself, batching,
+//! durability across restarts and kill -9, and every kind of bad input.
+
+mod common;
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use capivara::Pipeline;
+use common::server::*;
+use common::*;
+use serde_json::{json, Value};
+
+fn pipeline() -> Pipeline {
+    Pipeline::load(tiny_dir().to_str().unwrap(), &Device::Cpu, DType::F32).unwrap()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// The zero-shot probabilities computed directly from the model.
+fn expected_probs(p: &Pipeline, image: &[u8], labels: &[&str], templates: &[&str]) -> Vec<f32> {
+    let img = p
+        .embed_images(&[image])
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
+        .remove(0);
+    let scale = p.clip.logit_scale_exp().unwrap();
+    let logits: Vec<f32> = labels
+        .iter()
+        .map(|l| {
+            let prompts: Vec<String> = templates.iter().map(|t| t.replace("{}", l)).collect();
+            let e = p.embed_texts(&prompts).unwrap().to_vec2::<f32>().unwrap();
+            let mut m = vec![0f32; e[0].len()];
+            for r in &e {
+                m.iter_mut().zip(r).for_each(|(a, b)| *a += b);
+            }
+            let n = dot(&m, &m).sqrt();
+            m.iter_mut().for_each(|x| *x /= n);
+            scale * dot(&m, &img)
+        })
+        .collect();
+    capivara::engine::softmax(&logits)
+}
+
+#[test]
+fn classify_matches_the_model_json_and_multipart() {
+    let s = TestServer::start(|_| {});
+    let p = pipeline();
+    let photo = image_bytes("photo.jpg");
+    let labels = ["gato", "cachorro", "capivara", "praia"];
+    let r = s.http.post_json(
+        "/classify",
+        &json!({"image": b64(&photo), "labels": labels}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    let preds = r.json()["predictions"].as_array().unwrap().clone();
+    assert_eq!(preds.len(), 4);
+    let templates: Vec<&str> = capivara::server::DEFAULT_TEMPLATES.to_vec();
+    let want = expected_probs(&p, &photo, &labels, &templates);
+    let mut sum = 0.0;
+    let mut last = f32::INFINITY;
+    for pr in &preds {
+        let label = pr["label"].as_str().unwrap();
+        let score = pr["score"].as_f64().unwrap() as f32;
+        let i = labels.iter().position(|l| *l == label).unwrap();
+        assert!(
+            (score - want[i]).abs() <= 1e-5,
+            "{label}: {score} vs {}",
+            want[i]
+        );
+        assert!(score <= last, "sorted best first");
+        last = score;
+        sum += score;
+    }
+    assert!((sum - 1.0).abs() < 1e-5);
+
+    // Custom templates, top_k, and the multipart form give the same numbers.
+    let r = s.http.post_json(
+        "/classify",
+        &json!({"image": b64(&photo), "labels": labels, "templates": ["uma foto de {}"], "top_k": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    let preds = r.json()["predictions"].as_array().unwrap().clone();
+    assert_eq!(preds.len(), 2);
+    let want = expected_probs(&p, &photo, &labels, &["uma foto de {}"]);
+    let best = want.iter().cloned().fold(0f32, f32::max);
+    assert!((preds[0]["score"].as_f64().unwrap() as f32 - best).abs() <= 1e-5);
+
+    let r = s.http.post_multipart(
+        "/classify",
+        &[
+            ("image", Some("photo.jpg"), &photo),
+            ("labels", None, b"gato, cachorro"),
+            ("labels", None, b"[\"capivara\", \"praia\"]"),
+            ("templates", None, b"uma foto de {}"),
+        ],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    let preds = r.json()["predictions"].as_array().unwrap().clone();
+    assert_eq!(preds.len(), 4);
+    for pr in &preds {
+        let i = labels
+            .iter()
+            .position(|l| *l == pr["label"].as_str().unwrap())
+            .unwrap();
+        assert!((pr["score"].as_f64().unwrap() as f32 - want[i]).abs() <= 1e-5);
+    }
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn repeated_label_sets_cost_only_the_image_pass() {
+    let s = TestServer::start(|_| {});
+    let body = json!({"image": b64(&image_bytes("gray.png")), "labels": ["gato", "cachorro"]});
+    assert_eq!(s.http.post_json("/classify", &body).status, 200);
+    let m1 = s.http.get("/metrics").text;
+    let texts_before = metric(&m1, "capivara_batch_size_sum{tower=\"text\"}");
+    let images_before = metric(&m1, "capivara_batch_size_sum{tower=\"image\"}");
+    assert!(
+        texts_before >= 14.0,
+        "2 labels x 7 templates embedded: {texts_before}"
+    );
+    assert_eq!(s.http.post_json("/classify", &body).status, 200);
+    let m2 = s.http.get("/metrics").text;
+    assert_eq!(
+        metric(&m2, "capivara_batch_size_sum{tower=\"text\"}"),
+        texts_before,
+        "labels came from the cache"
+    );
+    assert_eq!(
+        metric(&m2, "capivara_batch_size_sum{tower=\"image\"}"),
+        images_before + 1.0
+    );
+}
+
+#[test]
+fn search_equals_brute_force_on_500_images() {
+    let s = TestServer::start(|_| {});
+    let n = 500;
+    let mut vectors = Vec::new();
+    for chunk in (0..n).collect::<Vec<u32>>().chunks(50) {
+        let images: Vec<Value> = chunk
+            .iter()
+            .map(|&i| json!({"image": b64(&test_png(i)), "id": format!("img-{i}"), "metadata": {"n": i}}))
+            .collect();
+        let r = s.http.post_json("/images", &json!({ "images": images }));
+        assert_eq!(r.status, 200, "{}", r.text);
+        let ids = r.json()["ids"].as_array().unwrap().clone();
+        assert_eq!(ids.len(), chunk.len());
+        let e = s.http.post_json(
+            "/embed/image",
+            &json!({"images": chunk.iter().map(|&i| b64(&test_png(i))).collect::<Vec<_>>()}),
+        );
+        assert_eq!(e.status, 200, "{}", e.text);
+        for (i, v) in chunk.iter().zip(e.json()["embeddings"].as_array().unwrap()) {
+            vectors.push((format!("img-{i}"), floats(v)));
+        }
+    }
+    let m = s.http.get("/metrics").text;
+    assert_eq!(metric(&m, "capivara_index_size"), n as f64);
+    for (q, k) in [
+        ("um quadrado vermelho", 10),
+        ("uma foto azul", 1),
+        ("capivara", 50),
+        ("praia", 500),
+    ] {
+        let qv = floats(
+            &s.http
+                .post_json("/embed/text", &json!({"texts": [q]}))
+                .json()["embeddings"][0],
+        );
+        let mut brute: Vec<(String, f32)> = vectors
+            .iter()
+            .map(|(id, v)| (id.clone(), dot(&qv, v)))
+            .collect();
+        brute.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let r = s.http.post_json("/search", &json!({"query": q, "k": k}));
+        assert_eq!(r.status, 200, "{}", r.text);
+        let results = r.json()["results"].as_array().unwrap().clone();
+        assert_eq!(results.len(), k);
+        for (got, want) in results.iter().zip(&brute) {
+            let score = got["score"].as_f64().unwrap() as f32;
+            assert!((score - want.1).abs() <= 1e-4, "{q}: {score} vs {}", want.1);
+            // Ties aside, the same ids in the same order.
+            if got["id"] != want.0.as_str() {
+                let other = brute
+                    .iter()
+                    .find(|(id, _)| got["id"] == id.as_str())
+                    .unwrap();
+                assert!(
+                    (other.1 - want.1).abs() <= 1e-5,
+                    "{q}: {} instead of {}",
+                    got["id"],
+                    want.0
+                );
+            }
+            let idn: u32 = got["id"].as_str().unwrap()[4..].parse().unwrap();
+            assert_eq!(got["metadata"]["n"], idn);
+        }
+    }
+    // Image queries search too.
+    let r = s
+        .http
+        .post_json("/search", &json!({"image": b64(&test_png(7)), "k": 1}));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["results"][0]["id"], "img-7");
+    assert!(r.json()["results"][0]["score"].as_f64().unwrap() > 0.999);
+}
+
+#[test]
+fn images_get_and_delete() {
+    let s = TestServer::start(|_| {});
+    let r = s.http.post_json(
+        "/images",
+        &json!({"images": [{"image": b64(&test_png(1)), "id": "a.1", "metadata": {"caption": "um gato"}},
+                            {"image": b64(&test_png(2))}]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    let ids = r.json()["ids"].clone();
+    assert_eq!(ids[0], "a.1");
+    let generated = ids[1].as_str().unwrap().to_string();
+    assert_eq!(generated.len(), 16);
+    let g = s.http.get("/images/a.1");
+    assert_eq!(g.status, 200);
+    assert_eq!(
+        g.json(),
+        json!({"id": "a.1", "metadata": {"caption": "um gato"}})
+    );
+    assert_eq!(
+        s.http.get(&format!("/images/{generated}")).json()["metadata"],
+        json!({})
+    );
+    // Multipart ingest with id and metadata.
+    let png = test_png(3);
+    let r = s.http.post_multipart(
+        "/images",
+        &[
+            ("image", Some("x.png"), &png),
+            ("id", None, b"mp"),
+            ("metadata", None, b"{\"k\": 1}"),
+        ],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(s.http.get("/images/mp").json()["metadata"]["k"], 1);
+    // Delete: gone from GET and from search.
+    assert_eq!(s.http.delete("/images/a.1", None).status, 200);
+    assert_eq!(s.http.get("/images/a.1").status, 404);
+    assert_eq!(s.http.delete("/images/a.1", None).status, 404);
+    let r = s
+        .http
+        .post_json("/search", &json!({"image": b64(&test_png(1)), "k": 10}));
+    assert!(r.json()["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|h| h["id"] != "a.1"));
+    assert_eq!(r.json()["results"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn embeddings_match_the_model() {
+    let s = TestServer::start(|_| {});
+    let p = pipeline();
+    let r = reference();
+    let t = s.http.post_json("/embed/text", &json!({"texts": r.texts}));
+    assert_eq!(t.status, 200);
+    let got: Vec<Vec<f32>> = t.json()["embeddings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(floats)
+        .collect();
+    assert!(max_abs_diff(&got, &r.text_embeddings) <= 1e-4);
+    let imgs = ["photo.jpg", "palette.png", "anim.gif"];
+    let i = s.http.post_json(
+        "/embed/image",
+        &json!({"images": imgs.iter().map(|n| b64(&image_bytes(n))).collect::<Vec<_>>()}),
+    );
+    assert_eq!(i.status, 200);
+    let got: Vec<Vec<f32>> = i.json()["embeddings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(floats)
+        .collect();
+    let bytes: Vec<Vec<u8>> = imgs.iter().map(|n| image_bytes(n)).collect();
+    let want = p.embed_images(&bytes).unwrap().to_vec2::<f32>().unwrap();
+    assert!(max_abs_diff(&got, &want) <= 1e-5);
+}
+
+#[test]
+fn concurrent_requests_are_batched_and_answers_unchanged() {
+    let s = Arc::new(TestServer::start(|c| {
+        c.engine.max_wait = std::time::Duration::from_millis(50);
+    }));
+    let texts: Vec<String> = (0..32).map(|i| format!("uma foto número {i}")).collect();
+    let images: Vec<Vec<u8>> = (0..32).map(test_png).collect();
+    // Unbatched answers, one at a time.
+    let single_t: Vec<Vec<f32>> = texts
+        .iter()
+        .map(|t| {
+            floats(
+                &s.http
+                    .post_json("/embed/text", &json!({"texts": [t]}))
+                    .json()["embeddings"][0],
+            )
+        })
+        .collect();
+    let single_i: Vec<Vec<f32>> = images
+        .iter()
+        .map(|b| {
+            floats(
+                &s.http
+                    .post_json("/embed/image", &json!({"images": [b64(b)]}))
+                    .json()["embeddings"][0],
+            )
+        })
+        .collect();
+    let before = s.http.get("/metrics").text;
+    let handles: Vec<_> = (0..32)
+        .map(|i| {
+            let s = s.clone();
+            let (t, b) = (texts[i].clone(), images[i].clone());
+            std::thread::spawn(move || {
+                let rt = s.http.post_json("/embed/text", &json!({"texts": [t]}));
+                let ri = s
+                    .http
+                    .post_json("/embed/image", &json!({"images": [b64(&b)]}));
+                assert_eq!((rt.status, ri.status), (200, 200));
+                (
+                    floats(&rt.json()["embeddings"][0]),
+                    floats(&ri.json()["embeddings"][0]),
+                )
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let (t, im) = h.join().unwrap();
+        assert!(max_abs_diff(&[t], &single_t[i..i + 1]) <= 1e-5);
+        assert!(max_abs_diff(&[im], &single_i[i..i + 1]) <= 1e-5);
+    }
+    let after = s.http.get("/metrics").text;
+    for tower in ["text", "image"] {
+        let items = metric(
+            &after,
+            &format!("capivara_batch_size_sum{{tower=\"{tower}\"}}"),
+        ) - metric(
+            &before,
+            &format!("capivara_batch_size_sum{{tower=\"{tower}\"}}"),
+        );
+        let passes = metric(
+            &after,
+            &format!("capivara_batch_size_count{{tower=\"{tower}\"}}"),
+        ) - metric(
+            &before,
+            &format!("capivara_batch_size_count{{tower=\"{tower}\"}}"),
+        );
+        assert_eq!(items, 32.0, "{tower}");
+        assert!(
+            passes < 32.0,
+            "{tower}: 32 requests in {passes} passes: some batches must be larger than 1"
+        );
+    }
+}
+
+#[test]
+fn restart_and_kill9_keep_acknowledged_images() {
+    let dir = tempfile::tempdir().unwrap();
+    // In-process, graceful stop, restart.
+    {
+        let s = TestServer::start_in(dir.path(), |_| {});
+        let r = s.http.post_json(
+            "/images",
+            &json!({"images": [{"image": b64(&test_png(10)), "id": "graceful"}]}),
+        );
+        assert_eq!(r.status, 200);
+        s.stop();
+    }
+    // A child process killed with SIGKILL right after its acknowledgements.
+    let child = ChildServer::spawn(dir.path(), &[]);
+    assert_eq!(child.http.get("/images/graceful").status, 200);
+    let mut acked = Vec::new();
+    for i in 0..5u32 {
+        let id = format!("k9-{i}");
+        let r = child.http.post_json(
+            "/images",
+            &json!({"images": [{"image": b64(&test_png(100 + i)), "id": id}]}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text);
+        acked.push(id);
+    }
+    let r = child.http.delete("/images/k9-0", None);
+    assert_eq!(r.status, 200);
+    child.kill9();
+    let child = ChildServer::spawn(dir.path(), &[]);
+    for id in &acked[1..] {
+        assert_eq!(
+            child.http.get(&format!("/images/{id}")).status,
+            200,
+            "{id} lost"
+        );
+    }
+    assert_eq!(
+        child.http.get("/images/k9-0").status,
+        404,
+        "the delete was acknowledged too"
+    );
+    let r = child
+        .http
+        .post_json("/search", &json!({"image": b64(&test_png(103)), "k": 1}));
+    assert_eq!(r.json()["results"][0]["id"], "k9-3");
+    // SIGTERM: a clean exit, and nothing lost.
+    assert!(child.terminate().success());
+    let child = ChildServer::spawn(dir.path(), &[]);
+    assert_eq!(child.http.get("/images/k9-4").status, 200);
+}
+
+#[test]
+fn api_key_guards_writes_only() {
+    let s = TestServer::start(|c| c.api_key = Some("s3cret".into()));
+    let body = json!({"images": [{"image": b64(&test_png(5)), "id": "x"}]});
+    let r = s.http.post_json("/images", &body);
+    assert_eq!((r.status, r.error_code().as_str()), (401, "unauthorized"));
+    let r = s.http.post_json_key("/images", &body, "wrong");
+    assert_eq!((r.status, r.error_code().as_str()), (401, "unauthorized"));
+    assert_eq!(s.http.post_json_key("/images", &body, "s3cret").status, 200);
+    assert_eq!(s.http.delete("/images/x", None).status, 401);
+    assert_eq!(s.http.get("/images/x").status, 200, "reads need no key");
+    assert_eq!(
+        s.http
+            .post_json("/search", &json!({"query": "gato"}))
+            .status,
+        200
+    );
+    assert_eq!(s.http.delete("/images/x", Some("s3cret")).status, 200);
+}
+
+#[test]
+fn bad_inputs_get_their_4xx_and_the_server_keeps_serving() {
+    let s = TestServer::start(|c| {
+        c.limits.max_body_bytes = 200_000;
+        c.limits.max_pixels = 100_000;
+    });
+    let img = b64(&image_bytes("gray.png"));
+    let h = &s.http;
+    let cases: Vec<(&str, Resp, u16, &str)> = vec![
+        ("body too large", h.post_json("/classify", &json!({"image": "A".repeat(300_000), "labels": ["a"]})), 413, "payload_too_large"),
+        ("too many pixels", h.post_json("/classify", &json!({"image": b64(&image_bytes("photo.jpg")), "labels": ["a"]})), 422, "image_too_large"),
+        ("no labels", h.post_json("/classify", &json!({"image": img, "labels": []})), 400, "invalid_labels"),
+        ("1001 labels", h.post_json("/classify", &json!({"image": img, "labels": (0..1001).map(|i| i.to_string()).collect::<Vec<_>>()})), 400, "invalid_labels"),
+        ("label too long", h.post_json("/classify", &json!({"image": img, "labels": ["x".repeat(201)]})), 400, "invalid_labels"),
+        ("duplicate labels", h.post_json("/classify", &json!({"image": img, "labels": ["a", "a"]})), 400, "invalid_labels"),
+        ("top_k 0", h.post_json("/classify", &json!({"image": img, "labels": ["a"], "top_k": 0})), 400, "invalid_top_k"),
+        ("bad base64", h.post_json("/classify", &json!({"image": "%%%not base64%%%", "labels": ["a"]})), 400, "invalid_base64"),
+        ("not an image", h.post_json("/classify", &json!({"image": b64(b"hello world, not an image"), "labels": ["a"]})), 415, "unsupported_image"),
+        ("corrupt image", h.post_json("/classify", &json!({"image": b64(&image_bytes("rgba.png")[..400]), "labels": ["a"]})), 400, "invalid_image"),
+        ("invalid JSON", h.post_raw("/classify", "application/json", b"{not json".to_vec(), None), 400, "invalid_json"),
+        ("missing field", h.post_json("/classify", &json!({"labels": ["a"]})), 400, "invalid_json"),
+        ("text/plain", h.post_raw("/classify", "text/plain", b"hi".to_vec(), None), 415, "unsupported_media_type"),
+        ("multipart without image", h.post_multipart("/classify", &[("labels", None, b"a")], None), 400, "missing_image"),
+        ("empty query", h.post_json("/search", &json!({"query": "   "})), 400, "empty_query"),
+        ("no query", h.post_json("/search", &json!({})), 400, "empty_query"),
+        ("k 0", h.post_json("/search", &json!({"query": "gato", "k": 0})), 400, "invalid_k"),
+        ("k 1001", h.post_json("/search", &json!({"query": "gato", "k": 1001})), 400, "invalid_k"),
+        ("search multipart", h.post_multipart("/search", &[("query", None, b"gato")], None), 415, "unsupported_media_type"),
+        ("unknown id", h.get("/images/nope"), 404, "not_found"),
+        ("delete unknown id", h.delete("/images/nope", None), 404, "not_found"),
+        ("invalid id", h.post_json("/images", &json!({"images": [{"image": img, "id": "../etc/passwd"}]})), 400, "invalid_id"),
+        ("id with space", h.post_json("/images", &json!({"images": [{"image": img, "id": "a b"}]})), 400, "invalid_id"),
+        ("duplicate ids", h.post_json("/images", &json!({"images": [{"image": img, "id": "d"}, {"image": img, "id": "d"}]})), 400, "invalid_id"),
+        ("metadata not object", h.post_json("/images", &json!({"images": [{"image": img, "metadata": [1, 2]}]})), 400, "invalid_metadata"),
+        ("metadata too big", h.post_json("/images", &json!({"images": [{"image": img, "metadata": {"x": "y".repeat(20_000)}}]})), 400, "invalid_metadata"),
+        ("no images", h.post_json("/images", &json!({"images": []})), 400, "invalid_images"),
+        ("no texts", h.post_json("/embed/text", &json!({"texts": []})), 400, "invalid_texts"),
+        ("unknown route", h.get("/nope"), 404, "not_found"),
+    ];
+    for (what, r, status, code) in cases {
+        assert_eq!(r.status, status, "{what}: {}", r.text);
+        assert!(
+            r.content_type.starts_with("application/json"),
+            "{what}: {}",
+            r.content_type
+        );
+        assert_eq!(r.error_code(), code, "{what}");
+    }
+    // A failed ingest wrote nothing.
+    assert_eq!(h.get("/images/d").status, 404);
+    let m = h.get("/metrics").text;
+    assert_eq!(metric(&m, "capivara_index_size"), 0.0);
+    // Still serving.
+    assert_eq!(h.get("/healthz").status, 200);
+    assert_eq!(
+        h.post_json("/classify", &json!({"image": img, "labels": ["a", "b"]}))
+            .status,
+        200
+    );
+    // Errors are counted by route and status.
+    let m = h.get("/metrics").text;
+    assert!(
+        m.contains(
+            "capivara_http_requests_total{method=\"POST\",route=\"/classify\",status=\"413\"} 1"
+        ),
+        "{m}"
+    );
+}
+
+#[test]
+fn a_full_queue_answers_503_with_retry_after() {
+    let s = Arc::new(TestServer::start(|c| {
+        c.engine.queue_capacity = 1;
+        c.engine.max_batch = 1;
+        c.engine.max_wait = std::time::Duration::from_millis(0);
+    }));
+    let big: Vec<String> = (0..200)
+        .map(|i| format!("texto longo número {i} ").repeat(6))
+        .collect();
+    let handles: Vec<_> = (0..24)
+        .map(|_| {
+            let s = s.clone();
+            let texts = big.clone();
+            std::thread::spawn(move || s.http.post_json("/embed/text", &json!({"texts": texts})))
+        })
+        .collect();
+    let results: Vec<Resp> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let busy: Vec<&Resp> = results.iter().filter(|r| r.status == 503).collect();
+    assert!(
+        !busy.is_empty(),
+        "24 concurrent requests on a queue of 1 must overflow"
+    );
+    for r in &busy {
+        assert_eq!(r.error_code(), "overloaded");
+        assert_eq!(r.retry_after.as_deref(), Some("1"));
+    }
+    assert!(results.iter().any(|r| r.status == 200));
+    assert!(results.iter().all(|r| r.status == 200 || r.status == 503));
+    assert_eq!(s.http.get("/healthz").status, 200);
+}
+
+#[test]
+fn health_readiness_metrics_docs_and_openapi() {
+    let s = TestServer::start(|_| {});
+    assert_eq!(s.http.get("/healthz").json()["status"], "ok");
+    assert_eq!(s.http.get("/readyz").json()["status"], "ready");
+    let m = s.http.get("/metrics");
+    assert!(m.content_type.starts_with("text/plain"));
+    for name in [
+        "capivara_http_requests_total",
+        "capivara_http_request_duration_seconds",
+        "capivara_batch_size",
+        "capivara_model_forward_seconds",
+        "capivara_queue_depth",
+        "capivara_index_size",
+    ] {
+        assert!(m.text.contains(name), "{name} missing from /metrics");
+    }
+    let served = s.http.get("/openapi.json").json();
+    let committed: Value = serde_json::from_str(
+        &std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("openapi/openapi.json"))
+            .expect("openapi/openapi.json is committed (regenerate: capivara openapi > openapi/openapi.json)"),
+    )
+    .unwrap();
+    assert_eq!(
+        served, committed,
+        "openapi/openapi.json is stale: run `capivara openapi > openapi/openapi.json`"
+    );
+    let printed = std::process::Command::new(env!("CARGO_BIN_EXE_capivara"))
+        .arg("openapi")
+        .output()
+        .unwrap();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&printed.stdout).unwrap(),
+        committed
+    );
+    for path in [
+        "/classify",
+        "/search",
+        "/images",
+        "/images/{id}",
+        "/embed/text",
+        "/embed/image",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ] {
+        assert!(served["paths"][path].is_object(), "{path} not documented");
+    }
+    // Swagger UI is served from the binary: no asset from elsewhere.
+    let docs = s.http.get("/docs/");
+    assert_eq!(docs.status, 200);
+    assert!(docs.text.contains("swagger"), "{}", docs.text);
+    assert!(
+        !docs.text.contains("https://") && !docs.text.contains("http://"),
+        "external asset in {}",
+        docs.text
+    );
+    let init = s.http.get("/docs/swagger-initializer.js");
+    assert_eq!(init.status, 200);
+    assert!(init.text.contains("/openapi.json"));
+    let css = s.http.get("/docs/swagger-ui.css");
+    assert_eq!(css.status, 200);
+    assert!(css.text.len() > 1000);
+}
+
+#[test]
+fn flags_and_env_vars_configure_the_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let templates = dir.path().join("templates.txt");
+    std::fs::write(&templates, "# one template per line\numa pintura de {}\n\n").unwrap();
+    let child = ChildServer::spawn_env(
+        &dir.path().join("data"),
+        &[
+            "--templates",
+            templates.to_str().unwrap(),
+            "--max-batch-size",
+            "4",
+        ],
+        &[("CAPIVARA_API_KEY", "from-env")],
+    );
+    let photo = image_bytes("photo.jpg");
+    let labels = ["gato", "cachorro", "capivara"];
+    let r = child.http.post_json(
+        "/classify",
+        &json!({"image": b64(&photo), "labels": labels}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    let want = expected_probs(&pipeline(), &photo, &labels, &["uma pintura de {}"]);
+    for pr in r.json()["predictions"].as_array().unwrap() {
+        let i = labels
+            .iter()
+            .position(|l| *l == pr["label"].as_str().unwrap())
+            .unwrap();
+        assert!(
+            (pr["score"].as_f64().unwrap() as f32 - want[i]).abs() <= 1e-5,
+            "the --templates file is used"
+        );
+    }
+    let body = json!({"images": [{"image": b64(&test_png(1))}]});
+    assert_eq!(
+        child.http.post_json("/images", &body).status,
+        401,
+        "CAPIVARA_API_KEY is used"
+    );
+    assert_eq!(
+        child
+            .http
+            .post_json_key("/images", &body, "from-env")
+            .status,
+        200
+    );
+    // Bad flags: a clear error and a non-zero exit, before serving anything.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_capivara"))
+        .args(["serve", "--model"])
+        .arg(tiny_dir())
+        .args([
+            "--templates",
+            "/no/such/templates.txt",
+            "--addr",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/templates.txt"));
+}
+
+#[test]
+fn not_ready_until_loaded() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg =
+        capivara::server::ServeConfig::new("unused", "127.0.0.1:0".parse().unwrap(), dir.path());
+    let state = Arc::new(capivara::server::AppState::new(cfg));
+    let app = capivara::server::router(state);
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move { axum::serve(listener, app).await });
+    let http = Http::new(addr);
+    assert_eq!(http.get("/healthz").status, 200);
+    let r = http.get("/readyz");
+    assert_eq!((r.status, r.error_code().as_str()), (503, "not_ready"));
+    let r = http.post_json("/search", &json!({"query": "gato"}));
+    assert_eq!((r.status, r.error_code().as_str()), (503, "not_ready"));
+}
+
+#[test]
+fn a_model_that_cannot_load_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_capivara"))
+        .args([
+            "serve",
+            "--model",
+            "/no/such/model",
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/model"));
+}
