@@ -1,0 +1,1 @@
+//! Vector index (placeholder: being written).
