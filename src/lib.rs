@@ -36,9 +36,9 @@ pub fn parse_device(spec: &str) -> Result<candle_core::Device> {
     }
 }
 
-#[cfg(feature = "wip-server")]
+#[cfg(feature = "server")]
 pub mod engine;
 #[cfg(feature = "server")]
 pub mod index;
-#[cfg(feature = "wip-server")]
+#[cfg(feature = "server")]
 pub mod server;

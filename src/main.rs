@@ -24,16 +24,16 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve zero-shot classification and image search over HTTP.
-    #[cfg(feature = "wip-server")]
+    #[cfg(feature = "server")]
     Serve(ServeArgs),
     /// Print L2-normalised embeddings of texts and images as one JSON object.
     Embed(EmbedArgs),
     /// Print the OpenAPI document of the HTTP API (openapi/openapi.json).
-    #[cfg(feature = "wip-server")]
+    #[cfg(feature = "server")]
     Openapi,
 }
 
-#[cfg(feature = "wip-server")]
+#[cfg(feature = "server")]
 #[derive(clap::Args)]
 struct ServeArgs {
     /// Model: a local directory or a Hugging Face repo id.
@@ -142,7 +142,7 @@ fn embed(args: EmbedArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[cfg(feature = "wip-server")]
+#[cfg(feature = "server")]
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     use capivara::server::{ServeConfig, DEFAULT_TEMPLATES};
     tracing_subscriber::fmt()
@@ -190,10 +190,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        #[cfg(feature = "wip-server")]
+        #[cfg(feature = "server")]
         Command::Serve(args) => serve(args),
         Command::Embed(args) => embed(args),
-        #[cfg(feature = "wip-server")]
+        #[cfg(feature = "server")]
         Command::Openapi => {
             print!("{}", capivara::server::openapi::document());
             Ok(())

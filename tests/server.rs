@@ -1,4 +1,3 @@
-#![cfg(feature = "wip-server")]
 //! The HTTP server over real HTTP on 127.0.0.1 with the tiny fixture model:
 //! every endpoint's success path checked against the model itself, batching,
 //! durability across restarts and kill -9, and every kind of bad input.
@@ -155,7 +154,8 @@ fn repeated_label_sets_cost_only_the_image_pass() {
 
 #[test]
 fn search_equals_brute_force_on_500_images() {
-    let s = TestServer::start(|_| {});
+    // The HNSW graph answers (not the exact path small indexes take).
+    let s = TestServer::start(|c| c.hnsw.exact_search_below = 0);
     let n = 500;
     let mut vectors = Vec::new();
     for chunk in (0..n).collect::<Vec<u32>>().chunks(50) {

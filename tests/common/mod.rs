@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
-#[cfg(feature = "wip-server")]
 pub mod server;
 
 pub fn fixtures() -> PathBuf {
