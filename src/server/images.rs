@@ -14,7 +14,7 @@ use super::input::{
     Payload,
 };
 use super::AppState;
-use crate::index::Item;
+use crate::index::{validate_id, Item};
 
 /// One image to ingest.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -69,16 +69,6 @@ pub struct ImageInfo {
 pub struct Deleted {
     pub id: String,
     pub deleted: bool,
-}
-
-/// The rule the index enforces, checked before any model work.
-pub fn valid_id(id: &str) -> bool {
-    (1..=128).contains(&id.len())
-        && id != "."
-        && id != ".."
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
 fn new_id() -> String {
@@ -190,14 +180,13 @@ pub async fn ingest(
     let mut metas = Vec::with_capacity(uploads.len());
     let mut images = Vec::with_capacity(uploads.len());
     for (i, u) in uploads.into_iter().enumerate() {
+        // The index's own rule, checked before any model work.
         let id = match u.id {
-            Some(id) if !valid_id(&id) => {
-                return Err(ApiError::bad_request(
-                    "invalid_id",
-                    format!("id of image {i} must be 1-128 characters of A-Z a-z 0-9 . _ - (and not . or ..)"),
-                ))
+            Some(id) => {
+                validate_id(&id)
+                    .map_err(|e| ApiError::bad_request("invalid_id", format!("image {i}: {e}")))?;
+                id
             }
-            Some(id) => id,
             None => new_id(),
         };
         if ids.contains(&id) {
@@ -257,9 +246,7 @@ pub async fn get_image(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<ImageInfo>, ApiError> {
-    if !valid_id(&id) {
-        return Err(ApiError::bad_request("invalid_id", "invalid image id"));
-    }
+    validate_id(&id)?;
     match state.loaded()?.index.get(&id) {
         Some(metadata) => Ok(Json(ImageInfo { id, metadata })),
         None => Err(ApiError::not_found(format!("no image with id `{id}`"))),
@@ -283,9 +270,7 @@ pub async fn delete_image(
     Path(id): Path<String>,
 ) -> Result<Json<Deleted>, ApiError> {
     require_key(&state, &headers)?;
-    if !valid_id(&id) {
-        return Err(ApiError::bad_request("invalid_id", "invalid image id"));
-    }
+    validate_id(&id)?;
     let index = state.loaded()?.index.clone();
     let key = id.clone();
     let deleted = tokio::task::spawn_blocking(move || index.delete(&key))
