@@ -155,7 +155,10 @@ fn repeated_label_sets_cost_only_the_image_pass() {
 #[test]
 fn search_equals_brute_force_on_500_images() {
     // The HNSW graph answers (not the exact path small indexes take).
-    let s = TestServer::start(|c| c.hnsw.exact_search_below = 0);
+    let s = TestServer::start(|c| {
+        c.hnsw.exact_search_below = 0;
+        c.hnsw.background_build = false;
+    });
     let n = 500;
     let mut vectors = Vec::new();
     for chunk in (0..n).collect::<Vec<u32>>().chunks(50) {

@@ -75,7 +75,7 @@ impl Default for HnswParams {
             max_nb_connection: 24,
             ef_construction: 200,
             ef_search: 128,
-            exact_search_below: 20_000,
+            exact_search_below: 50_000,
             snapshot_log_records: 20_000,
             snapshot_log_bytes: 64 << 20,
             rebuild_tombstone_fraction: 0.25,
