@@ -151,6 +151,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let mut cfg = ServeConfig::new(&args.model, args.addr, &args.data_dir);
     cfg.device = capivara::parse_device(&args.device)?;
