@@ -1,6 +1,8 @@
 //! `capivara-train`: CAPIVARA's LiT + LoRA fine-tuning (work in progress: the
 //! subcommands below are planned; see the project's issues).
 
+use capivara_trainer::data;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -18,11 +20,64 @@ struct Cli {
 enum Command {
     /// Print the LoRA configuration CAPIVARA's recipe uses.
     Recipe,
+    /// Read a dataset (webdataset shards and/or TSV files) and report what it
+    /// holds and what would be skipped, as JSON.
+    Inspect {
+        /// Shards, with brace ranges: 'data/{00000..00165}.tar' (repeatable).
+        #[arg(long)]
+        shards: Vec<String>,
+        /// TSV files of `image_path<TAB>caption` (repeatable).
+        #[arg(long)]
+        tsv: Vec<std::path::PathBuf>,
+    },
 }
 
-fn main() {
+fn inspect(shards: &[String], tsv: &[std::path::PathBuf]) -> anyhow::Result<()> {
+    let mut skipped = data::Skipped::default();
+    let (mut samples, mut captions, mut generated, mut files) = (0usize, 0usize, 0usize, 0usize);
+    let mut count = |(s, k): (Vec<data::Sample>, data::Skipped)| {
+        files += 1;
+        samples += s.len();
+        captions += s.iter().map(|x| x.captions.len()).sum::<usize>();
+        generated += s.iter().map(|x| x.generated.len()).sum::<usize>();
+        skipped.add(&k);
+    };
+    for pattern in shards {
+        for shard in data::expand_braces(pattern).map_err(anyhow::Error::msg)? {
+            count(data::read_shard(std::path::Path::new(&shard)));
+        }
+    }
+    for t in tsv {
+        count(data::read_tsv(t));
+    }
+    if files == 0 {
+        anyhow::bail!("give --shards or --tsv");
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "files": files,
+            "samples": samples,
+            "captions": captions,
+            "generated_captions": generated,
+            "skipped": skipped.total(),
+            "skipped_no_image": skipped.no_image,
+            "skipped_no_caption": skipped.no_caption,
+            "unreadable_files": skipped.unreadable,
+        })
+    );
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Inspect { shards, tsv } => {
+            if let Err(e) = inspect(&shards, &tsv) {
+                eprintln!("error: {e:#}");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
         Command::Recipe => {
             let cfg = capivara::model::lora::LoraConfig::default();
             println!(
@@ -34,4 +89,5 @@ fn main() {
             );
         }
     }
+    std::process::ExitCode::SUCCESS
 }

@@ -1,0 +1,361 @@
+//! Training data: webdataset tar shards as CAPIVARA and img2dataset write them
+//! (`KEY.jpg|jpeg|png|webp` + `KEY.json` with `captions-pt` and optionally
+//! `generated-captions-pt`), brace ranges of shard names, and a TSV of
+//! `image_path<TAB>caption`. A bad sample is counted and skipped, never fatal.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use rand::seq::IndexedRandom;
+use rand::Rng;
+
+/// One image with its captions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// The webdataset key (or the image path for TSV data).
+    pub key: String,
+    /// Encoded image bytes.
+    pub image: Vec<u8>,
+    /// Original and translated Portuguese captions (`captions-pt`).
+    pub captions: Vec<String>,
+    /// Synthetic captions, translated (`generated-captions-pt`), best first.
+    pub generated: Vec<String>,
+}
+
+impl Sample {
+    /// CAPIVARA's caption choice: uniformly among the originals plus the first
+    /// `generated` synthetic captions (`None`: all of them).
+    pub fn choose_caption<R: Rng + ?Sized>(&self, generated: Option<usize>, rng: &mut R) -> &str {
+        let k = generated
+            .unwrap_or(self.generated.len())
+            .min(self.generated.len());
+        let pool: Vec<&String> = self.captions.iter().chain(&self.generated[..k]).collect();
+        pool.choose(rng).map(|s| s.as_str()).unwrap_or("")
+    }
+}
+
+/// Why samples were skipped.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// A key with no image file.
+    pub no_image: usize,
+    /// A key with no JSON, JSON that does not parse, or no non-empty caption.
+    pub no_caption: usize,
+    /// Shards or TSV files that could not be read at all.
+    pub unreadable: usize,
+}
+
+impl Skipped {
+    pub fn total(&self) -> usize {
+        self.no_image + self.no_caption + self.unreadable
+    }
+
+    pub fn add(&mut self, o: &Skipped) {
+        self.no_image += o.no_image;
+        self.no_caption += o.no_caption;
+        self.unreadable += o.unreadable;
+    }
+}
+
+/// Expands shell-style braces: `data/{00000..00165}.tar` (zero padding kept
+/// from the first bound), `{a,b}`, several groups.
+pub fn expand_braces(pattern: &str) -> Result<Vec<String>, String> {
+    let Some(open) = pattern.find('{') else {
+        return Ok(vec![pattern.to_string()]);
+    };
+    let close = pattern[open..]
+        .find('}')
+        .map(|c| c + open)
+        .ok_or_else(|| format!("unclosed `{{` in `{pattern}`"))?;
+    let (head, body, tail) = (
+        &pattern[..open],
+        &pattern[open + 1..close],
+        &pattern[close + 1..],
+    );
+    let items: Vec<String> = if let Some((a, b)) = body.split_once("..") {
+        let (lo, hi): (u64, u64) = (
+            a.parse()
+                .map_err(|_| format!("bad range start `{a}` in `{pattern}`"))?,
+            b.parse()
+                .map_err(|_| format!("bad range end `{b}` in `{pattern}`"))?,
+        );
+        if lo > hi {
+            return Err(format!("empty range `{body}` in `{pattern}`"));
+        }
+        let width = if a.starts_with('0') { a.len() } else { 0 };
+        (lo..=hi).map(|n| format!("{n:0width$}")).collect()
+    } else {
+        body.split(',').map(String::from).collect()
+    };
+    let mut out = Vec::new();
+    for it in items {
+        for rest in expand_braces(tail)? {
+            out.push(format!("{head}{it}{rest}"));
+        }
+    }
+    Ok(out)
+}
+
+const IMAGE_EXTS: &[&str] = &["jpg", "jpeg", "png", "webp"];
+
+/// webdataset's split of a member name: the key is everything up to the first
+/// dot of the file name (directories included), the extension the rest.
+fn split_key(name: &str) -> Option<(String, String)> {
+    let slash = name.rfind('/').map(|i| i + 1).unwrap_or(0);
+    let dot = name[slash..].find('.')? + slash;
+    Some((
+        name[..dot].to_string(),
+        name[dot + 1..].to_ascii_lowercase(),
+    ))
+}
+
+#[derive(Default)]
+struct Parts {
+    image: Option<Vec<u8>>,
+    json: Option<Vec<u8>>,
+}
+
+fn captions(value: &serde_json::Value, field: &str) -> Vec<String> {
+    match value.get(field) {
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|c| c.as_str())
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        Some(serde_json::Value::String(s)) if !s.trim().is_empty() => vec![s.trim().to_string()],
+        _ => vec![],
+    }
+}
+
+/// Reads one shard. A shard that cannot be read at all counts as unreadable.
+pub fn read_shard(path: &Path) -> (Vec<Sample>, Skipped) {
+    let mut skipped = Skipped::default();
+    let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
+    let mut read = || -> std::io::Result<()> {
+        let file = std::fs::File::open(path)?;
+        let mut archive = tar::Archive::new(std::io::BufReader::new(file));
+        for entry in archive.entries()? {
+            let mut entry = entry?;
+            if !entry.header().entry_type().is_file() {
+                continue;
+            }
+            let name = entry.path()?.to_string_lossy().into_owned();
+            let Some((key, ext)) = split_key(&name) else {
+                continue;
+            };
+            let slot = if IMAGE_EXTS.contains(&ext.as_str()) {
+                &mut parts.entry(key).or_default().image
+            } else if ext == "json" {
+                &mut parts.entry(key).or_default().json
+            } else {
+                continue;
+            };
+            let mut buf = Vec::with_capacity(entry.size() as usize);
+            entry.read_to_end(&mut buf)?;
+            *slot = Some(buf);
+        }
+        Ok(())
+    };
+    if read().is_err() && parts.is_empty() {
+        skipped.unreadable += 1;
+        return (vec![], skipped);
+    }
+    // A truncated shard keeps the complete samples read before the damage.
+    let mut samples = Vec::with_capacity(parts.len());
+    for (key, p) in parts {
+        let Some(image) = p.image else {
+            skipped.no_image += 1;
+            continue;
+        };
+        let meta: Option<serde_json::Value> = p.json.and_then(|j| serde_json::from_slice(&j).ok());
+        let (caps, generated) = match &meta {
+            Some(m) => (
+                captions(m, "captions-pt"),
+                captions(m, "generated-captions-pt"),
+            ),
+            None => (vec![], vec![]),
+        };
+        if caps.is_empty() && generated.is_empty() {
+            skipped.no_caption += 1;
+            continue;
+        }
+        samples.push(Sample {
+            key,
+            image,
+            captions: caps,
+            generated,
+        });
+    }
+    (samples, skipped)
+}
+
+/// Reads a TSV of `image_path<TAB>caption` (paths relative to the file; one
+/// line per caption, lines of the same image grouped, `#` comments allowed).
+pub fn read_tsv(path: &Path) -> (Vec<Sample>, Skipped) {
+    let mut skipped = Skipped::default();
+    let Ok(text) = std::fs::read_to_string(path) else {
+        skipped.unreadable += 1;
+        return (vec![], skipped);
+    };
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut grouped: BTreeMap<PathBuf, Vec<String>> = BTreeMap::new();
+    for line in text.lines() {
+        if line.trim().is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match line.split_once('\t') {
+            Some((p, c)) if !c.trim().is_empty() && !p.trim().is_empty() => grouped
+                .entry(base.join(p.trim()))
+                .or_default()
+                .push(c.trim().to_string()),
+            _ => skipped.no_caption += 1,
+        }
+    }
+    let mut samples = Vec::new();
+    for (p, caps) in grouped {
+        match std::fs::read(&p) {
+            Ok(image) => samples.push(Sample {
+                key: p.to_string_lossy().into_owned(),
+                image,
+                captions: caps,
+                generated: vec![],
+            }),
+            Err(_) => skipped.no_image += 1,
+        }
+    }
+    (samples, skipped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn braces() {
+        assert_eq!(
+            expand_braces("d/{000..002}.tar").unwrap(),
+            ["d/000.tar", "d/001.tar", "d/002.tar"]
+        );
+        assert_eq!(
+            expand_braces("{a,b}-{1..2}").unwrap(),
+            ["a-1", "a-2", "b-1", "b-2"]
+        );
+        assert_eq!(expand_braces("plain.tar").unwrap(), ["plain.tar"]);
+        assert!(expand_braces("x{1..").is_err());
+        assert!(expand_braces("{3..1}").is_err());
+        assert!(expand_braces("{a..b}").is_err());
+    }
+
+    #[test]
+    fn keys_split_at_the_first_dot_of_the_file_name() {
+        assert_eq!(
+            split_key("000/abc.jpg"),
+            Some(("000/abc".into(), "jpg".into()))
+        );
+        assert_eq!(
+            split_key("a.b/c.seg.JSON"),
+            Some(("a.b/c".into(), "seg.json".into()))
+        );
+        assert_eq!(split_key("noext"), None);
+    }
+
+    fn tar_with(dir: &Path, files: &[(&str, &[u8])]) -> PathBuf {
+        let path = dir.join("shard.tar");
+        let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
+        for (name, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, *data).unwrap();
+        }
+        b.finish().unwrap();
+        path
+    }
+
+    #[test]
+    fn shards_keep_good_samples_and_count_bad_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = tar_with(
+            dir.path(),
+            &[
+                ("a.jpg", b"IMG-A"),
+                ("a.json", br#"{"captions-pt": ["um gato", " "], "generated-captions-pt": ["gato preto", "animal"]}"#),
+                ("b.png", b"IMG-B"),
+                ("b.json", br#"{"captions-pt": []}"#),
+                ("c.json", br#"{"captions-pt": ["sem imagem"]}"#),
+                ("d.webp", b"IMG-D"),
+                ("d.json", b"{not json"),
+                ("e.jpg", b"IMG-E"),
+                ("e.txt", b"ignored"),
+                ("f.jpeg", b"IMG-F"),
+                ("f.json", br#"{"generated-captions-pt": ["so sintetica"]}"#),
+            ],
+        );
+        let (samples, skipped) = read_shard(&path);
+        let keys: Vec<&str> = samples.iter().map(|s| s.key.as_str()).collect();
+        assert_eq!(keys, ["a", "f"]);
+        assert_eq!(samples[0].image, b"IMG-A");
+        assert_eq!(samples[0].captions, ["um gato"]);
+        assert_eq!(samples[0].generated, ["gato preto", "animal"]);
+        assert_eq!(
+            skipped,
+            Skipped {
+                no_image: 1,
+                no_caption: 3,
+                unreadable: 0
+            }
+        );
+        // Not a tar at all, and a missing file.
+        let junk = dir.path().join("junk.tar");
+        std::fs::write(&junk, vec![7u8; 1000]).unwrap();
+        assert_eq!(read_shard(&junk).1.unreadable, 1);
+        assert_eq!(read_shard(&dir.path().join("missing.tar")).1.unreadable, 1);
+        // A shard cut in the middle keeps what came before the cut.
+        let bytes = std::fs::read(&path).unwrap();
+        let cut = dir.path().join("cut.tar");
+        std::fs::write(&cut, &bytes[..5000]).unwrap();
+        let (s, _) = read_shard(&cut);
+        assert!(s.len() <= 2);
+    }
+
+    #[test]
+    fn caption_choice_follows_the_generated_flag() {
+        let s = Sample {
+            key: "k".into(),
+            image: vec![],
+            captions: vec!["o1".into(), "o2".into()],
+            generated: vec!["g1".into(), "g2".into(), "g3".into()],
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let seen = |k: Option<usize>, rng: &mut rand::rngs::StdRng| {
+            let mut v: Vec<String> = (0..400)
+                .map(|_| s.choose_caption(k, rng).to_string())
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        assert_eq!(seen(Some(0), &mut rng), ["o1", "o2"]);
+        assert_eq!(seen(Some(1), &mut rng), ["g1", "o1", "o2"]);
+        assert_eq!(seen(None, &mut rng), ["g1", "g2", "g3", "o1", "o2"]);
+        assert_eq!(seen(Some(99), &mut rng), ["g1", "g2", "g3", "o1", "o2"]);
+    }
+
+    #[test]
+    fn tsv_groups_captions_and_counts_bad_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x.jpg"), b"X").unwrap();
+        let tsv = dir.path().join("data.tsv");
+        std::fs::write(&tsv, "# comment\nx.jpg\tum gato\nx.jpg\toutro gato\nmissing.jpg\tnada\nno-tab-line\nx.jpg\t  \n").unwrap();
+        let (s, skipped) = read_tsv(&tsv);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].captions, ["um gato", "outro gato"]);
+        assert_eq!(skipped.no_image, 1);
+        assert_eq!(skipped.no_caption, 2);
+        assert_eq!(read_tsv(&dir.path().join("none.tsv")).1.unreadable, 1);
+    }
+}
