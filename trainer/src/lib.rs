@@ -2,3 +2,4 @@
 //! the `capivara` crate. The `capivara-train` binary is its command line.
 
 pub mod data;
+pub mod features;

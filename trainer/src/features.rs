@@ -1,0 +1,106 @@
+//! LiT keeps the image tower frozen, so every image is embedded once: one
+//! `NAME.safetensors` (tensor `embeddings`, `(n, embed_dim)` f32, normalised)
+//! and one `NAME.keys.json` (the sample keys, in row order) per shard.
+//! Training then never runs the image tower.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use capivara::Pipeline;
+
+use crate::data::{Sample, Skipped};
+
+/// What one shard gave.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FeatureStats {
+    pub embedded: usize,
+    /// Samples whose image does not decode (counted, skipped).
+    pub undecodable: usize,
+    pub skipped: Skipped,
+}
+
+/// The output files of a shard named `name`.
+pub fn feature_paths(out: &Path, name: &str) -> (PathBuf, PathBuf) {
+    (
+        out.join(format!("{name}.safetensors")),
+        out.join(format!("{name}.keys.json")),
+    )
+}
+
+/// Embeds `samples` in batches of `batch` and writes them under `out` as `name`.
+pub fn write_features(
+    pipeline: &Pipeline,
+    samples: &[Sample],
+    batch: usize,
+    out: &Path,
+    name: &str,
+) -> anyhow::Result<FeatureStats> {
+    let mut stats = FeatureStats::default();
+    let mut keys = Vec::with_capacity(samples.len());
+    let mut rows: Vec<Tensor> = Vec::new();
+    for chunk in samples.chunks(batch.max(1)) {
+        let mut pixels = Vec::with_capacity(chunk.len());
+        for s in chunk {
+            match pipeline.preprocessor.preprocess(&s.image) {
+                Ok(p) => {
+                    pixels.push(p);
+                    keys.push(s.key.clone());
+                }
+                Err(_) => stats.undecodable += 1,
+            }
+        }
+        if pixels.is_empty() {
+            continue;
+        }
+        let t = pipeline
+            .preprocessor
+            .batch(&pixels, pipeline.clip.device())?;
+        rows.push(pipeline.clip.encode_image(&t)?.to_device(&Device::Cpu)?);
+    }
+    stats.embedded = keys.len();
+    let dim = pipeline.clip.embed_dim();
+    let emb = if rows.is_empty() {
+        Tensor::zeros((0, dim), candle_core::DType::F32, &Device::Cpu)?
+    } else {
+        Tensor::cat(&rows, 0)?
+    };
+    std::fs::create_dir_all(out)?;
+    let (st, kj) = feature_paths(out, name);
+    // Written under temporary names, renamed when complete.
+    let (st_tmp, kj_tmp) = (
+        st.with_extension("safetensors.tmp"),
+        kj.with_extension("json.tmp"),
+    );
+    emb.save_safetensors("embeddings", &st_tmp)?;
+    std::fs::write(&kj_tmp, serde_json::to_vec(&keys)?)?;
+    std::fs::rename(&kj_tmp, &kj)?;
+    std::fs::rename(&st_tmp, &st)?;
+    Ok(stats)
+}
+
+/// Reads a shard's features back: keys and `(n, dim)` embeddings.
+pub fn read_features(out: &Path, name: &str) -> anyhow::Result<(Vec<String>, Tensor)> {
+    let (st, kj) = feature_paths(out, name);
+    let keys: Vec<String> = serde_json::from_slice(&std::fs::read(&kj)?)?;
+    let mut t = candle_core::safetensors::load(&st, &Device::Cpu)?;
+    let emb = t
+        .remove("embeddings")
+        .ok_or_else(|| anyhow::anyhow!("{}: no `embeddings` tensor", st.display()))?;
+    if emb.dim(0)? != keys.len() {
+        anyhow::bail!(
+            "{}: {} rows for {} keys",
+            st.display(),
+            emb.dim(0)?,
+            keys.len()
+        );
+    }
+    Ok((keys, emb))
+}
+
+/// The name features of `shard` are stored under: its file stem.
+pub fn shard_name(shard: &Path) -> String {
+    shard
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "shard".into())
+}
