@@ -18,6 +18,8 @@ use tokio::sync::oneshot;
 
 use crate::error::Error;
 use crate::pipeline::Pipeline;
+use crate::zeroshot::mean_normalized;
+pub use crate::zeroshot::{fill_template, softmax};
 
 /// Batching and caching parameters.
 #[derive(Debug, Clone)]
@@ -346,55 +348,5 @@ impl Embedder {
 impl Drop for Embedder {
     fn drop(&mut self) {
         self.shutdown();
-    }
-}
-
-/// `template` with its `{}` replaced by `label` (or `label` appended when the
-/// template has no placeholder).
-pub fn fill_template(template: &str, label: &str) -> String {
-    if template.contains("{}") {
-        template.replacen("{}", label, 1)
-    } else {
-        format!("{template} {label}")
-    }
-}
-
-fn mean_normalized(rows: &[Vec<f32>]) -> Vec<f32> {
-    let dim = rows.first().map(Vec::len).unwrap_or(0);
-    let mut m = vec![0f32; dim];
-    for r in rows {
-        for (a, b) in m.iter_mut().zip(r) {
-            *a += b;
-        }
-    }
-    let norm = m.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-    m.iter_mut().for_each(|x| *x /= norm);
-    m
-}
-
-/// Numerically stable softmax.
-pub fn softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exps: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
-    let sum: f32 = exps.iter().sum();
-    exps.iter().map(|e| e / sum).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn templates_and_softmax() {
-        assert_eq!(
-            fill_template("uma foto de um {}.", "gato"),
-            "uma foto de um gato."
-        );
-        assert_eq!(fill_template("foto", "gato"), "foto gato");
-        let p = softmax(&[1.0, 2.0, 3.0]);
-        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        assert!(p[2] > p[1] && p[1] > p[0]);
-        let m = mean_normalized(&[vec![1.0, 0.0], vec![0.0, 1.0]]);
-        assert!((m[0] - 0.70710677).abs() < 1e-6 && (m[1] - m[0]).abs() < 1e-7);
     }
 }

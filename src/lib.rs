@@ -5,13 +5,15 @@
 //! - [`model`]: the model, its configs, LoRA, and checkpoint loading;
 //! - [`preprocess`]: image bytes -> normalised tensor, as open_clip does it;
 //! - [`tokenizer`]: text -> token ids, as open_clip's HF tokenizer does it;
-//! - [`pipeline`]: all three loaded together.
+//! - [`pipeline`]: all three loaded together;
+//! - [`zeroshot`]: prompt templates and class embeddings.
 
 pub mod error;
 pub mod model;
 pub mod pipeline;
 pub mod preprocess;
 pub mod tokenizer;
+pub mod zeroshot;
 
 pub use error::{Error, Result};
 pub use pipeline::Pipeline;

@@ -169,12 +169,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-            let t: Vec<String> = text
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(String::from)
-                .collect();
+            let t = capivara::zeroshot::parse_templates(&text);
             if t.is_empty() {
                 anyhow::bail!("{}: no templates", path.display());
             }

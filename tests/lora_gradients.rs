@@ -24,10 +24,10 @@ fn every_lora_tensor_gets_a_gradient_and_the_count_matches_the_formula() {
     let lora_cfg = LoraConfig::default();
     let opts = TextOptions {
         kernels: Kernels::Differentiable,
-        lora: Some(LoraBuilder {
-            config: lora_cfg.clone(),
-            vb: VarBuilder::from_varmap(&varmap, DType::F32, &dev),
-        }),
+        lora: Some(LoraBuilder::new(
+            lora_cfg.clone(),
+            VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+        )),
     };
     let clip = Clip::new(ck.var_builder(DType::F32, &dev), &cfg, &hf, opts).unwrap();
 

@@ -63,14 +63,26 @@ impl Module for Linear {
         let in_dim = *dims.last().expect("linear input has a last dimension");
         let rows = x.elem_count() / in_dim.max(1);
         let x2 = x.reshape((rows, in_dim))?;
-        let y = x2.matmul(&self.weight.t()?)?;
+        // A trainer may keep f32 master weights under a bf16/f16 model: the
+        // cast is part of the graph, so gradients reach the f32 variable.
+        let w = cast_to(&self.weight, x.dtype())?;
+        let y = x2.matmul(&w.t()?)?;
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => y.broadcast_add(&cast_to(b, x.dtype())?)?,
             None => y,
         };
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
         y.reshape(out_dims)
+    }
+}
+
+/// `t` in `dtype` (itself when it already is).
+pub fn cast_to(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    if t.dtype() == dtype {
+        Ok(t.clone())
+    } else {
+        t.to_dtype(dtype)
     }
 }
 

@@ -248,4 +248,11 @@ impl TextTower {
         }
         out
     }
+
+    /// Turns the adapters' dropout on (training) or off.
+    pub fn set_training(&mut self, training: bool) {
+        for (_, lin) in self.adapted_linears_mut() {
+            lin.set_training(training);
+        }
+    }
 }

@@ -31,17 +31,7 @@ use crate::index::{HnswIndex, HnswParams, VectorIndex};
 use crate::pipeline::Pipeline;
 pub use metrics::Metrics;
 
-/// The Portuguese prompt templates of zero-shot classification (CAPIVARA's
-/// evaluation prompts start from "uma foto de um {}.").
-pub const DEFAULT_TEMPLATES: &[&str] = &[
-    "uma foto de um {}.",
-    "uma foto ruim de um {}.",
-    "uma foto de um {} grande.",
-    "uma foto de um {} pequeno.",
-    "uma arte de um {}.",
-    "um {} em um videogame.",
-    "um origami de um {}.",
-];
+pub use crate::zeroshot::DEFAULT_TEMPLATES;
 
 /// Bounds on what one request may ask for.
 #[derive(Debug, Clone)]

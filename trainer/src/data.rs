@@ -131,12 +131,23 @@ fn captions(value: &serde_json::Value, field: &str) -> Vec<String> {
 
 /// Reads one shard. A shard that cannot be read at all counts as unreadable.
 pub fn read_shard(path: &Path) -> (Vec<Sample>, Skipped) {
+    read_shard_impl(path, true)
+}
+
+/// Reads one shard's captions only: image data is seeked over, not read, and
+/// each sample's `image` is left empty (samples without an image are still
+/// skipped as in [`read_shard`]).
+pub fn read_shard_captions(path: &Path) -> (Vec<Sample>, Skipped) {
+    read_shard_impl(path, false)
+}
+
+fn read_shard_impl(path: &Path, with_images: bool) -> (Vec<Sample>, Skipped) {
     let mut skipped = Skipped::default();
     let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
     let mut read = || -> std::io::Result<()> {
         let file = std::fs::File::open(path)?;
         let mut archive = tar::Archive::new(std::io::BufReader::new(file));
-        for entry in archive.entries()? {
+        for entry in archive.entries_with_seek()? {
             let mut entry = entry?;
             if !entry.header().entry_type().is_file() {
                 continue;
@@ -146,7 +157,12 @@ pub fn read_shard(path: &Path) -> (Vec<Sample>, Skipped) {
                 continue;
             };
             let slot = if IMAGE_EXTS.contains(&ext.as_str()) {
-                &mut parts.entry(key).or_default().image
+                let slot = &mut parts.entry(key).or_default().image;
+                if !with_images {
+                    *slot = Some(Vec::new());
+                    continue;
+                }
+                slot
             } else if ext == "json" {
                 &mut parts.entry(key).or_default().json
             } else {
@@ -191,9 +207,27 @@ pub fn read_shard(path: &Path) -> (Vec<Sample>, Skipped) {
     (samples, skipped)
 }
 
+/// Reads a data file: a TSV (`.tsv`) or a webdataset shard (anything else).
+/// Without `with_images`, images are only checked for presence and each
+/// sample's `image` is empty.
+pub fn read_source(path: &Path, with_images: bool) -> (Vec<Sample>, Skipped) {
+    let is_tsv = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("tsv"));
+    match (is_tsv, with_images) {
+        (true, _) => read_tsv_impl(path, with_images),
+        (false, true) => read_shard(path),
+        (false, false) => read_shard_captions(path),
+    }
+}
+
 /// Reads a TSV of `image_path<TAB>caption` (paths relative to the file; one
 /// line per caption, lines of the same image grouped, `#` comments allowed).
 pub fn read_tsv(path: &Path) -> (Vec<Sample>, Skipped) {
+    read_tsv_impl(path, true)
+}
+
+fn read_tsv_impl(path: &Path, with_images: bool) -> (Vec<Sample>, Skipped) {
     let mut skipped = Skipped::default();
     let Ok(text) = std::fs::read_to_string(path) else {
         skipped.unreadable += 1;
@@ -215,7 +249,14 @@ pub fn read_tsv(path: &Path) -> (Vec<Sample>, Skipped) {
     }
     let mut samples = Vec::new();
     for (p, caps) in grouped {
-        match std::fs::read(&p) {
+        let image = if with_images {
+            std::fs::read(&p)
+        } else if p.is_file() {
+            Ok(Vec::new())
+        } else {
+            Err(std::io::ErrorKind::NotFound.into())
+        };
+        match image {
             Ok(image) => samples.push(Sample {
                 key: p.to_string_lossy().into_owned(),
                 image,
@@ -299,6 +340,11 @@ mod tests {
         let keys: Vec<&str> = samples.iter().map(|s| s.key.as_str()).collect();
         assert_eq!(keys, ["a", "f"]);
         assert_eq!(samples[0].image, b"IMG-A");
+        let (caps_only, skipped_c) = read_shard_captions(&path);
+        assert_eq!(caps_only.len(), 2);
+        assert!(caps_only.iter().all(|s| s.image.is_empty()));
+        assert_eq!(caps_only[0].captions, samples[0].captions);
+        assert_eq!(skipped_c, skipped);
         assert_eq!(samples[0].captions, ["um gato"]);
         assert_eq!(samples[0].generated, ["gato preto", "animal"]);
         assert_eq!(
@@ -357,5 +403,11 @@ mod tests {
         assert_eq!(skipped.no_image, 1);
         assert_eq!(skipped.no_caption, 2);
         assert_eq!(read_tsv(&dir.path().join("none.tsv")).1.unreadable, 1);
+        let (c, k) = read_source(&tsv, false);
+        assert_eq!(c.len(), 1);
+        assert!(c[0].image.is_empty());
+        assert_eq!(c[0].key, s[0].key);
+        assert_eq!(k, skipped);
+        assert_eq!(read_source(&tsv, true).0, s);
     }
 }

@@ -1,7 +1,8 @@
 //! LiT keeps the image tower frozen, so every image is embedded once: one
 //! `NAME.safetensors` (tensor `embeddings`, `(n, embed_dim)` f32, normalised)
-//! and one `NAME.keys.json` (the sample keys, in row order) per shard.
-//! Training then never runs the image tower.
+//! and one `NAME.keys.json` (`{"shard", "model", "keys"}`: the source shard,
+//! the model and the sample keys in row order) per shard. Training then never
+//! runs the image tower.
 
 use std::path::{Path, PathBuf};
 
@@ -27,13 +28,26 @@ pub fn feature_paths(out: &Path, name: &str) -> (PathBuf, PathBuf) {
     )
 }
 
-/// Embeds `samples` in batches of `batch` and writes them under `out` as `name`.
+/// What `NAME.keys.json` holds.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FeatureIndex {
+    /// The shard the features were computed from (absolute when it could be).
+    pub shard: String,
+    /// `--model` as given to `features`.
+    pub model: String,
+    /// Sample keys, in row order.
+    pub keys: Vec<String>,
+}
+
+/// Embeds `samples` in batches of `batch` and writes them under `out` as `name`;
+/// `shard` is recorded as their source.
 pub fn write_features(
     pipeline: &Pipeline,
     samples: &[Sample],
     batch: usize,
     out: &Path,
     name: &str,
+    shard: &Path,
 ) -> anyhow::Result<FeatureStats> {
     let mut stats = FeatureStats::default();
     let mut keys = Vec::with_capacity(samples.len());
@@ -72,29 +86,41 @@ pub fn write_features(
         kj.with_extension("json.tmp"),
     );
     emb.save_safetensors("embeddings", &st_tmp)?;
-    std::fs::write(&kj_tmp, serde_json::to_vec(&keys)?)?;
+    let index = FeatureIndex {
+        shard: std::path::absolute(shard)
+            .unwrap_or_else(|_| shard.to_path_buf())
+            .to_string_lossy()
+            .into_owned(),
+        model: pipeline.files.model.clone(),
+        keys,
+    };
+    std::fs::write(&kj_tmp, serde_json::to_vec(&index)?)?;
     std::fs::rename(&kj_tmp, &kj)?;
     std::fs::rename(&st_tmp, &st)?;
     Ok(stats)
 }
 
-/// Reads a shard's features back: keys and `(n, dim)` embeddings.
-pub fn read_features(out: &Path, name: &str) -> anyhow::Result<(Vec<String>, Tensor)> {
+/// Reads a shard's features back: the index and `(n, dim)` embeddings.
+pub fn read_features(out: &Path, name: &str) -> anyhow::Result<(FeatureIndex, Tensor)> {
     let (st, kj) = feature_paths(out, name);
-    let keys: Vec<String> = serde_json::from_slice(&std::fs::read(&kj)?)?;
-    let mut t = candle_core::safetensors::load(&st, &Device::Cpu)?;
+    let index: FeatureIndex = serde_json::from_slice(
+        &std::fs::read(&kj).map_err(|e| anyhow::anyhow!("{}: {e}", kj.display()))?,
+    )
+    .map_err(|e| anyhow::anyhow!("{}: {e}", kj.display()))?;
+    let mut t = candle_core::safetensors::load(&st, &Device::Cpu)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", st.display()))?;
     let emb = t
         .remove("embeddings")
         .ok_or_else(|| anyhow::anyhow!("{}: no `embeddings` tensor", st.display()))?;
-    if emb.dim(0)? != keys.len() {
+    if emb.dim(0)? != index.keys.len() {
         anyhow::bail!(
             "{}: {} rows for {} keys",
             st.display(),
             emb.dim(0)?,
-            keys.len()
+            index.keys.len()
         );
     }
-    Ok((keys, emb))
+    Ok((index, emb))
 }
 
 /// The name features of `shard` are stored under: its file stem.

@@ -1,5 +1,24 @@
 //! `capivara-trainer`: CAPIVARA's LiT + LoRA fine-tuning on the model code of
 //! the `capivara` crate. The `capivara-train` binary is its command line.
+//!
+//! - [`data`]: webdataset shards and TSV files;
+//! - [`features`]: the frozen image tower's embeddings, computed once (LiT);
+//! - [`dataset`]: features joined with captions, and each step's batch;
+//! - [`model`]: the CLIP with LoRA adapters and its trainable tensors;
+//! - [`loss`]: the symmetric contrastive loss and GradCache;
+//! - [`optim`]: Adam(W) and the cosine schedule with warm-up;
+//! - [`fit`]: the training loop, checkpoints and resume;
+//! - [`merge`]: LoRA folded into the base weights, written as a model directory;
+//! - [`eval`]: retrieval recall and zero-shot accuracy;
+//! - [`synth`]: a synthetic captioned dataset to try all of it.
 
 pub mod data;
+pub mod dataset;
+pub mod eval;
 pub mod features;
+pub mod fit;
+pub mod loss;
+pub mod merge;
+pub mod model;
+pub mod optim;
+pub mod synth;

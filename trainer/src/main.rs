@@ -1,9 +1,11 @@
-//! `capivara-train`: CAPIVARA's LiT + LoRA fine-tuning (work in progress: the
-//! subcommands below are planned; see the project's issues).
+//! `capivara-train`: CAPIVARA's LiT + LoRA fine-tuning. Every subcommand prints
+//! one JSON object on stdout when it succeeds (progress goes to stderr); on
+//! failure it exits non-zero and its last line on stderr is `error: ...`.
 
-use capivara_trainer::data;
+use std::path::{Path, PathBuf};
 
-use clap::{Parser, Subcommand};
+use capivara_trainer::{data, dataset, eval, features, fit, merge, model, optim, synth};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(
@@ -20,25 +22,6 @@ struct Cli {
 enum Command {
     /// Print the LoRA configuration CAPIVARA's recipe uses.
     Recipe,
-    /// Embed every image of the shards once with the frozen image tower (LiT):
-    /// `OUT/<shard>.safetensors` + `OUT/<shard>.keys.json` per shard.
-    Features {
-        /// Model: a local directory or a Hugging Face repo id.
-        #[arg(long, default_value = capivara::model::weights::DEFAULT_MODEL)]
-        model: String,
-        /// Shards, with brace ranges: 'data/{00000..00165}.tar' (repeatable).
-        #[arg(long, required = true)]
-        shards: Vec<String>,
-        /// Output directory.
-        #[arg(long)]
-        out: std::path::PathBuf,
-        /// cpu, cuda or cuda:N.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// Images per forward pass.
-        #[arg(long, default_value_t = 64)]
-        batch_size: usize,
-    },
     /// Read a dataset (webdataset shards and/or TSV files) and report what it
     /// holds and what would be skipped, as JSON.
     Inspect {
@@ -47,11 +30,252 @@ enum Command {
         shards: Vec<String>,
         /// TSV files of `image_path<TAB>caption` (repeatable).
         #[arg(long)]
-        tsv: Vec<std::path::PathBuf>,
+        tsv: Vec<PathBuf>,
+    },
+    /// Embed every image of the shards once with the frozen image tower (LiT):
+    /// `OUT/<shard>.safetensors` + `OUT/<shard>.keys.json` per shard.
+    Features {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Shards, with brace ranges: 'data/{00000..00165}.tar', or `.tsv`
+        /// files of `image_path<TAB>caption` (repeatable).
+        #[arg(long, required = true)]
+        shards: Vec<String>,
+        /// Output directory (one per dataset: files are named after the shards).
+        #[arg(long)]
+        out: PathBuf,
+        /// Images per forward pass.
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+    },
+    /// Train LoRA adapters (and the text projection) on cached image features.
+    Fit(Box<FitArgs>),
+    /// Fold a run's LoRA adapters into the base weights: a model directory
+    /// `capivara serve --model OUT` (and open_clip) loads.
+    Merge {
+        /// The base model the run was trained from.
+        #[arg(long, env = "CAPIVARA_MODEL", default_value = capivara::model::weights::DEFAULT_MODEL)]
+        model: String,
+        /// A `fit --out` directory (its final weights, else its latest checkpoint),
+        /// or one of its `.safetensors` files.
+        #[arg(long)]
+        lora: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Evaluate a model: retrieval recall@1/5/10 both ways on shards, or
+    /// zero-shot top-1 on a folder of labelled images.
+    Eval {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Retrieval: shards with brace ranges, or `.tsv` files (repeatable).
+        #[arg(long, conflicts_with_all = ["images", "labels"])]
+        shards: Vec<String>,
+        /// Retrieval: cached image features of the shards (from `features`).
+        #[arg(long, requires = "shards")]
+        features: Option<PathBuf>,
+        /// Zero-shot: a folder with one sub-folder of images per class.
+        #[arg(long, requires = "labels")]
+        images: Option<PathBuf>,
+        /// Zero-shot: the classes, one per line: `folder<TAB>label` or `label`.
+        #[arg(long, requires = "images")]
+        labels: Option<PathBuf>,
+        /// Zero-shot: prompt templates, one per line, `{}` for the label
+        /// (default: the Portuguese set, "uma foto de um {}." first).
+        #[arg(long)]
+        templates: Option<PathBuf>,
+        /// Texts or images per forward pass.
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+    },
+    /// Write a synthetic captioned dataset of coloured shapes (webdataset
+    /// shards, and optionally a zero-shot folder) to try the trainer.
+    Synth {
+        /// Output directory of the shards (`00000.tar`, ...).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        shards: usize,
+        #[arg(long, default_value_t = 200)]
+        per_shard: usize,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 64)]
+        size: u32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Also write a zero-shot folder here (`<class>/*.png` + `labels.txt`).
+        #[arg(long)]
+        classes: Option<PathBuf>,
+        /// Images per class in the zero-shot folder.
+        #[arg(long, default_value_t = 5)]
+        per_class: usize,
     },
 }
 
-fn inspect(shards: &[String], tsv: &[std::path::PathBuf]) -> anyhow::Result<()> {
+#[derive(Args)]
+struct ModelArgs {
+    /// Model: a local directory or a Hugging Face repo id.
+    #[arg(long, env = "CAPIVARA_MODEL", default_value = capivara::model::weights::DEFAULT_MODEL)]
+    model: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "CAPIVARA_DEVICE", default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Optimizer {
+    /// AdamW: decoupled weight decay.
+    Adamw,
+    /// Adam with L2 weight decay added to the gradient (CAPIVARA's code).
+    Adam,
+}
+
+#[derive(Args)]
+struct FitArgs {
+    /// Base model: a local directory or a Hugging Face repo id.
+    #[arg(long, env = "CAPIVARA_MODEL", default_value = capivara::model::weights::DEFAULT_MODEL)]
+    model: String,
+    /// Training shards, with brace ranges, or `.tsv` files (repeatable).
+    #[arg(long, required = true)]
+    shards: Vec<String>,
+    /// Their cached image features (`features --out`).
+    #[arg(long)]
+    features: PathBuf,
+    /// Run directory: checkpoints, metrics.jsonl, lora.safetensors.
+    #[arg(long)]
+    out: PathBuf,
+    /// Held-out shards (or `.tsv` files) for validation mean recall (repeatable).
+    #[arg(long)]
+    val_shards: Vec<String>,
+    /// Their features (default: --features).
+    #[arg(long)]
+    val_features: Option<PathBuf>,
+    /// Validate every N steps (0: only before and after training).
+    #[arg(long, default_value_t = 100)]
+    val_every: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "CAPIVARA_DEVICE", default_value = "cpu")]
+    device: String,
+    /// Frozen weights' dtype: f32, or bf16/f16 on CUDA (trainable tensors stay f32).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    lora_r: usize,
+    /// LoRA alpha (the update is scaled by alpha / r).
+    #[arg(long, default_value_t = 8.0)]
+    lora_alpha: f64,
+    /// Dropout on the adapters' inputs.
+    #[arg(long, default_value_t = 0.0)]
+    lora_dropout: f32,
+    /// Adapted linears of every text layer (query, key, value).
+    #[arg(long, value_delimiter = ',', default_value = "query,value")]
+    lora_targets: Vec<String>,
+    /// Keep the text projection frozen (CAPIVARA trains it).
+    #[arg(long)]
+    freeze_proj: bool,
+    /// Learn the logit scale (default: fixed at the base model's).
+    #[arg(long)]
+    learn_logit_scale: bool,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-5)]
+    lr: f64,
+    /// Learning rate at the start of warm-up and at the end of the cosine.
+    #[arg(long, default_value_t = 1e-6)]
+    min_lr: f64,
+    #[arg(long, default_value_t = 250)]
+    warmup_steps: usize,
+    #[arg(long, default_value_t = 1500)]
+    max_steps: usize,
+    /// Contrastive batch: every caption is contrasted with every image of it.
+    #[arg(long, default_value_t = 1000)]
+    batch_size: usize,
+    /// Texts per forward/backward pass (GradCache): memory scales with this,
+    /// not with --batch-size; the gradient is the full batch's.
+    #[arg(long, default_value_t = 100)]
+    micro_batch: usize,
+    #[arg(long, value_enum, default_value = "adamw")]
+    optimizer: Optimizer,
+    #[arg(long, default_value_t = 0.9)]
+    beta1: f64,
+    #[arg(long, default_value_t = 0.98)]
+    beta2: f64,
+    #[arg(long, default_value_t = 1e-6)]
+    eps: f64,
+    #[arg(long, default_value_t = 0.2)]
+    weight_decay: f64,
+    /// How many generated captions join the originals in each draw: a number or `all`.
+    #[arg(long, default_value = "all")]
+    generated_captions: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Checkpoint every N steps (0: only at the end).
+    #[arg(long, default_value_t = 500)]
+    checkpoint_every: usize,
+    /// Checkpoints kept (older ones are deleted).
+    #[arg(long, default_value_t = 3)]
+    keep_checkpoints: usize,
+    /// Continue the run in --out from its latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// No progress bar (it is only drawn on a terminal anyway).
+    #[arg(long)]
+    no_progress: bool,
+}
+
+fn parse_generated(s: &str) -> anyhow::Result<Option<usize>> {
+    if s == "all" {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|_| anyhow::anyhow!("--generated-captions: `{s}` is neither a number nor `all`"))
+}
+
+fn run_fit(a: FitArgs) -> anyhow::Result<serde_json::Value> {
+    let cfg = fit::FitConfig {
+        model: a.model,
+        shards: a.shards,
+        features: a.features,
+        val_shards: a.val_shards,
+        val_features: a.val_features,
+        device: a.device,
+        dtype: a.dtype,
+        spec: model::TrainSpec {
+            rank: a.lora_r,
+            alpha: a.lora_alpha,
+            dropout: a.lora_dropout,
+            targets: a.lora_targets,
+            train_proj: !a.freeze_proj,
+            learn_logit_scale: a.learn_logit_scale,
+        },
+        adam: optim::AdamConfig {
+            beta1: a.beta1,
+            beta2: a.beta2,
+            eps: a.eps,
+            weight_decay: a.weight_decay,
+            decoupled: matches!(a.optimizer, Optimizer::Adamw),
+        },
+        schedule: optim::Schedule {
+            lr: a.lr,
+            min_lr: a.min_lr,
+            warmup: a.warmup_steps,
+            max_steps: a.max_steps,
+        },
+        batch_size: a.batch_size,
+        micro_batch: a.micro_batch,
+        generated_captions: parse_generated(&a.generated_captions)?,
+        seed: a.seed,
+        checkpoint_every: a.checkpoint_every,
+        keep_checkpoints: a.keep_checkpoints,
+        val_every: a.val_every,
+    };
+    let summary = fit::fit(&cfg, &a.out, a.resume, !a.no_progress)?;
+    Ok(serde_json::to_value(summary)?)
+}
+
+fn inspect(shards: &[String], tsv: &[PathBuf]) -> anyhow::Result<serde_json::Value> {
     let mut skipped = data::Skipped::default();
     let (mut samples, mut captions, mut generated, mut files) = (0usize, 0usize, 0usize, 0usize);
     let mut count = |(s, k): (Vec<data::Sample>, data::Skipped)| {
@@ -61,106 +285,197 @@ fn inspect(shards: &[String], tsv: &[std::path::PathBuf]) -> anyhow::Result<()> 
         generated += s.iter().map(|x| x.generated.len()).sum::<usize>();
         skipped.add(&k);
     };
-    for pattern in shards {
-        for shard in data::expand_braces(pattern).map_err(anyhow::Error::msg)? {
-            count(data::read_shard(std::path::Path::new(&shard)));
-        }
+    for shard in dataset::expand_all(shards)? {
+        count(data::read_source(&shard, false));
     }
     for t in tsv {
         count(data::read_tsv(t));
     }
-    if files == 0 {
-        anyhow::bail!("give --shards or --tsv");
-    }
-    println!(
-        "{}",
-        serde_json::json!({
-            "files": files,
-            "samples": samples,
-            "captions": captions,
-            "generated_captions": generated,
-            "skipped": skipped.total(),
-            "skipped_no_image": skipped.no_image,
-            "skipped_no_caption": skipped.no_caption,
-            "unreadable_files": skipped.unreadable,
-        })
-    );
-    Ok(())
+    anyhow::ensure!(files > 0, "give --shards or --tsv");
+    Ok(serde_json::json!({
+        "files": files,
+        "samples": samples,
+        "captions": captions,
+        "generated_captions": generated,
+        "skipped": skipped.total(),
+        "skipped_no_image": skipped.no_image,
+        "skipped_no_caption": skipped.no_caption,
+        "unreadable_files": skipped.unreadable,
+    }))
 }
 
-fn features(
-    model: &str,
+fn run_features(
+    m: &ModelArgs,
     shards: &[String],
-    out: &std::path::Path,
-    device: &str,
+    out: &Path,
     batch: usize,
-) -> anyhow::Result<()> {
-    use capivara_trainer::features::{shard_name, write_features};
-    let device = capivara::parse_device(device)?;
-    let pipeline = capivara::Pipeline::load(model, &device, candle_core::DType::F32)?;
-    let mut total = capivara_trainer::features::FeatureStats::default();
-    let started = std::time::Instant::now();
-    for pattern in shards {
-        for shard in data::expand_braces(pattern).map_err(anyhow::Error::msg)? {
-            let path = std::path::Path::new(&shard);
-            let (samples, skipped) = data::read_shard(path);
-            let s = write_features(&pipeline, &samples, batch, out, &shard_name(path))?;
-            eprintln!(
-                "{shard}: {} embedded, {} undecodable, {} skipped",
-                s.embedded,
-                s.undecodable,
-                skipped.total()
+) -> anyhow::Result<serde_json::Value> {
+    let paths = dataset::expand_all(shards)?;
+    let mut names = std::collections::HashMap::new();
+    for p in &paths {
+        if let Some(prev) = names.insert(features::shard_name(p), p) {
+            anyhow::bail!(
+                "{} and {} have the same name: compute their features into different --out directories",
+                prev.display(),
+                p.display()
             );
-            total.embedded += s.embedded;
-            total.undecodable += s.undecodable;
-            total.skipped.add(&skipped);
         }
     }
+    let device = capivara::parse_device(&m.device)?;
+    let pipeline = capivara::Pipeline::load(&m.model, &device, candle_core::DType::F32)?;
+    let mut total = features::FeatureStats::default();
+    let started = std::time::Instant::now();
+    for path in &paths {
+        let (samples, skipped) = data::read_source(path, true);
+        let s = features::write_features(
+            &pipeline,
+            &samples,
+            batch,
+            out,
+            &features::shard_name(path),
+            path,
+        )?;
+        eprintln!(
+            "{}: {} embedded, {} undecodable, {} skipped",
+            path.display(),
+            s.embedded,
+            s.undecodable,
+            skipped.total()
+        );
+        total.embedded += s.embedded;
+        total.undecodable += s.undecodable;
+        total.skipped.add(&skipped);
+    }
     let secs = started.elapsed().as_secs_f64();
-    println!(
-        "{}",
-        serde_json::json!({
-            "embedded": total.embedded,
-            "undecodable": total.undecodable,
-            "skipped": total.skipped.total(),
-            "seconds": secs,
-            "images_per_second": total.embedded as f64 / secs.max(1e-9),
-        })
-    );
-    Ok(())
+    Ok(serde_json::json!({
+        "embedded": total.embedded,
+        "undecodable": total.undecodable,
+        "skipped": total.skipped.total(),
+        "seconds": secs,
+        "images_per_second": total.embedded as f64 / secs.max(1e-9),
+    }))
+}
+
+fn run_merge(model: &str, lora: &Path, out: &Path) -> anyhow::Result<serde_json::Value> {
+    let files = capivara::model::weights::resolve(model)?;
+    let run = merge::read_run(lora)?;
+    let started = std::time::Instant::now();
+    let n = merge::merge(&files, &run, out)?;
+    Ok(serde_json::json!({
+        "out": out,
+        "tensors": n,
+        "trained_tensors": run.tensors.len(),
+        "from": run.source,
+        "seconds": started.elapsed().as_secs_f64(),
+    }))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_eval(
+    m: &ModelArgs,
+    shards: &[String],
+    feats: Option<&Path>,
+    images: Option<&Path>,
+    labels: Option<&Path>,
+    templates: Option<&Path>,
+    batch: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let device = capivara::parse_device(&m.device)?;
+    let pipeline = capivara::Pipeline::load(&m.model, &device, candle_core::DType::F32)?;
+    match (shards.is_empty(), images, labels) {
+        (false, None, None) => {
+            let paths = dataset::expand_all(shards)?;
+            let (r, skipped) = eval::eval_shards(&pipeline, &paths, feats, batch)?;
+            let mut v = serde_json::to_value(r)?;
+            v["skipped"] = skipped.into();
+            Ok(v)
+        }
+        (true, Some(dir), Some(lf)) => {
+            let t: Vec<String> = match templates {
+                Some(p) => {
+                    let text = std::fs::read_to_string(p)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+                    capivara::zeroshot::parse_templates(&text)
+                }
+                None => capivara::zeroshot::DEFAULT_TEMPLATES
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+            };
+            Ok(serde_json::to_value(eval::eval_zero_shot(
+                &pipeline, dir, lf, &t, batch,
+            )?)?)
+        }
+        _ => anyhow::bail!("give --shards (retrieval) or --images with --labels (zero-shot)"),
+    }
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let result = match cli.command {
+        Command::Recipe => {
+            let cfg = capivara::model::lora::LoraConfig::default();
+            Ok(serde_json::json!({
+                "lora_r": cfg.rank,
+                "lora_alpha": cfg.alpha,
+                "lora_dropout": cfg.dropout,
+                "lora_targets": cfg.targets,
+                "trainable": "LoRA adapters + text projection; image tower frozen (LiT)",
+                "optimizer": optim::AdamConfig::default(),
+                "lr": 1e-5, "min_lr": 1e-6, "warmup_steps": 250, "max_steps": 1500,
+                "batch_size": 1000,
+            }))
+        }
+        Command::Inspect { shards, tsv } => inspect(&shards, &tsv),
         Command::Features {
             model,
             shards,
             out,
-            device,
             batch_size,
-        } => {
-            if let Err(e) = features(&model, &shards, &out, &device, batch_size) {
-                eprintln!("error: {e:#}");
-                return std::process::ExitCode::FAILURE;
+        } => run_features(&model, &shards, &out, batch_size),
+        Command::Fit(a) => run_fit(*a),
+        Command::Merge { model, lora, out } => run_merge(&model, &lora, &out),
+        Command::Eval {
+            model,
+            shards,
+            features,
+            images,
+            labels,
+            templates,
+            batch_size,
+        } => run_eval(
+            &model,
+            &shards,
+            features.as_deref(),
+            images.as_deref(),
+            labels.as_deref(),
+            templates.as_deref(),
+            batch_size,
+        ),
+        Command::Synth {
+            out,
+            shards,
+            per_shard,
+            size,
+            seed,
+            classes,
+            per_class,
+        } => (|| {
+            let paths = synth::write_shards(&out, shards, per_shard, size, seed)?;
+            if let Some(c) = &classes {
+                synth::write_classes(c, per_class, size, seed ^ 0x5eed)?;
             }
+            Ok(serde_json::json!({"shards": paths, "classes": classes}))
+        })(),
+    };
+    match result {
+        Ok(v) => {
+            println!("{v}");
+            std::process::ExitCode::SUCCESS
         }
-        Command::Inspect { shards, tsv } => {
-            if let Err(e) = inspect(&shards, &tsv) {
-                eprintln!("error: {e:#}");
-                return std::process::ExitCode::FAILURE;
-            }
-        }
-        Command::Recipe => {
-            let cfg = capivara::model::lora::LoraConfig::default();
-            println!(
-                "LoRA r={} alpha={} dropout={} targets={}",
-                cfg.rank,
-                cfg.alpha,
-                cfg.dropout,
-                cfg.targets.join(",")
-            );
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
         }
     }
-    std::process::ExitCode::SUCCESS
 }

@@ -84,7 +84,10 @@ fn features_cli_embeds_each_image_once() {
     assert_eq!(report["skipped"], 1);
 
     let pipeline = Pipeline::load(tiny().to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
-    let (keys, emb) = read_features(&out, "00000").unwrap();
+    let (index, emb) = read_features(&out, "00000").unwrap();
+    let keys = index.keys;
+    assert!(index.shard.ends_with("00000.tar"), "{}", index.shard);
+    assert_eq!(index.model, tiny().to_str().unwrap());
     assert_eq!(keys, ["00000", "00001", "00002", "00003", "00004"]);
     let (samples, _) = read_shard(&dir.path().join("00000.tar"));
     let images: Vec<&Vec<u8>> = samples
@@ -103,8 +106,8 @@ fn features_cli_embeds_each_image_once() {
             assert!((a - b).abs() <= 1e-5);
         }
     }
-    let (keys1, emb1) = read_features(&out, "00001").unwrap();
-    assert_eq!(keys1, ["00000", "00001"]);
+    let (index1, emb1) = read_features(&out, "00001").unwrap();
+    assert_eq!(index1.keys, ["00000", "00001"]);
     assert_eq!(emb1.dims(), &[2, 32]);
 
     // A missing model is a clear failure.

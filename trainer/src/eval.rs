@@ -1,0 +1,465 @@
+//! Evaluation as CAPIVARA reports it: image <-> text retrieval recall@1/5/10
+//! both ways and their mean, and zero-shot classification top-1 with
+//! Portuguese prompt templates.
+//!
+//! Retrieval follows the Flickr30k/COCO protocol when an image has several
+//! captions: each caption is a text query whose one relevant image is its
+//! own; an image query is answered correctly at k when any of its captions is
+//! among the k best texts.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use capivara::Pipeline;
+use serde::Serialize;
+
+/// Recall at 1, 5 and 10.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Recall {
+    pub r1: f64,
+    pub r5: f64,
+    pub r10: f64,
+}
+
+/// Both directions and the mean of the six numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RetrievalReport {
+    pub images: usize,
+    pub texts: usize,
+    pub text_to_image: Recall,
+    pub image_to_text: Recall,
+    pub mean_recall: f64,
+}
+
+fn recall_of(ranks: &[usize]) -> Recall {
+    let n = ranks.len().max(1) as f64;
+    let at = |k: usize| ranks.iter().filter(|&&r| r < k).count() as f64 / n;
+    Recall {
+        r1: at(1),
+        r5: at(5),
+        r10: at(10),
+    }
+}
+
+/// `images`: `(N, d)`, `texts`: `(M, d)`, both normalised; `owner[j]`: the
+/// image of text `j`. A tie counts against the query (the rank is the number
+/// of candidates scoring at least as high, the right one excluded).
+pub fn retrieval(
+    images: &Tensor,
+    texts: &Tensor,
+    owner: &[usize],
+) -> anyhow::Result<RetrievalReport> {
+    let (n, m) = (images.dim(0)?, texts.dim(0)?);
+    anyhow::ensure!(owner.len() == m, "{} owners for {m} texts", owner.len());
+    anyhow::ensure!(
+        n > 0 && m > 0,
+        "nothing to evaluate ({n} images, {m} texts)"
+    );
+    anyhow::ensure!(
+        owner.iter().all(|&o| o < n),
+        "a text's image is out of range"
+    );
+    let sims = texts
+        .to_device(&Device::Cpu)?
+        .matmul(&images.to_device(&Device::Cpu)?.t()?)?
+        .to_vec2::<f32>()?; // (M, N)
+    let t2i: Vec<usize> = (0..m)
+        .map(|j| {
+            let right = sims[j][owner[j]];
+            (0..n)
+                .filter(|&i| i != owner[j] && sims[j][i] >= right)
+                .count()
+        })
+        .collect();
+    let mut i2t = vec![usize::MAX; n];
+    for i in 0..n {
+        for j in (0..m).filter(|&j| owner[j] == i) {
+            let right = sims[j][i];
+            let rank = (0..m)
+                .filter(|&k| k != j && owner[k] != i && sims[k][i] >= right)
+                .count();
+            i2t[i] = i2t[i].min(rank);
+        }
+    }
+    // Images without any caption cannot be queried.
+    let i2t: Vec<usize> = i2t.into_iter().filter(|&r| r != usize::MAX).collect();
+    let (a, b) = (recall_of(&t2i), recall_of(&i2t));
+    let mean = (a.r1 + a.r5 + a.r10 + b.r1 + b.r5 + b.r10) / 6.0;
+    Ok(RetrievalReport {
+        images: n,
+        texts: m,
+        text_to_image: a,
+        image_to_text: b,
+        mean_recall: mean,
+    })
+}
+
+/// A zero-shot classification set: `DIR/<class>/<image>` with the label of
+/// each class.
+#[derive(Debug, Clone)]
+pub struct LabelledImages {
+    /// Portuguese labels, in class order.
+    pub labels: Vec<String>,
+    /// Image path and class index.
+    pub images: Vec<(PathBuf, usize)>,
+    /// Sub-directories that `labels.txt` does not name.
+    pub unlisted_dirs: Vec<String>,
+}
+
+/// Reads `labels.txt` (one class per line: `dir<TAB>label`, or just `label`
+/// when the directory is named after it; `#` comments) and lists the images
+/// under `dir/<class>/`.
+pub fn labelled_images(dir: &Path, labels_file: &Path) -> anyhow::Result<LabelledImages> {
+    let text = std::fs::read_to_string(labels_file)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", labels_file.display()))?;
+    let mut classes: Vec<(String, String)> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (d, l) = match line.split_once('\t') {
+            Some((d, l)) => (d.trim(), l.trim()),
+            None => (line, line),
+        };
+        anyhow::ensure!(
+            !d.is_empty() && !l.is_empty(),
+            "{}:{}: empty class or label",
+            labels_file.display(),
+            n + 1
+        );
+        anyhow::ensure!(
+            !classes.iter().any(|(x, _)| x == d),
+            "{}:{}: class `{d}` listed twice",
+            labels_file.display(),
+            n + 1
+        );
+        classes.push((d.to_string(), l.to_string()));
+    }
+    anyhow::ensure!(
+        classes.len() >= 2,
+        "{}: zero-shot classification needs at least 2 classes",
+        labels_file.display()
+    );
+    let mut images = Vec::new();
+    for (ci, (d, _)) in classes.iter().enumerate() {
+        let sub = dir.join(d);
+        let rd = std::fs::read_dir(&sub).map_err(|e| anyhow::anyhow!("{}: {e}", sub.display()))?;
+        let mut files: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        images.extend(files.into_iter().map(|p| (p, ci)));
+    }
+    let mut unlisted: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| !classes.iter().any(|(d, _)| d == n))
+        .collect();
+    unlisted.sort();
+    Ok(LabelledImages {
+        labels: classes.into_iter().map(|(_, l)| l).collect(),
+        images,
+        unlisted_dirs: unlisted,
+    })
+}
+
+/// Zero-shot results.
+#[derive(Debug, Clone, Serialize)]
+pub struct ZeroShotReport {
+    pub images: usize,
+    pub classes: usize,
+    pub undecodable: usize,
+    pub top1: f64,
+    pub top5: f64,
+    /// Top-1 accuracy per label.
+    pub per_class: BTreeMap<String, f64>,
+}
+
+/// Top-1/top-5 accuracy of `images` `(N, d)` against class embeddings
+/// `classes` `(C, d)` (both normalised), with true classes `truth`.
+pub fn zero_shot(
+    images: &Tensor,
+    classes: &Tensor,
+    truth: &[usize],
+    labels: &[String],
+    undecodable: usize,
+) -> anyhow::Result<ZeroShotReport> {
+    let sims = images
+        .to_device(&Device::Cpu)?
+        .matmul(&classes.to_device(&Device::Cpu)?.t()?)?
+        .to_vec2::<f32>()?;
+    anyhow::ensure!(
+        sims.len() == truth.len(),
+        "images and truth differ in length"
+    );
+    let mut hits1 = 0usize;
+    let mut hits5 = 0usize;
+    let mut per: Vec<(usize, usize)> = vec![(0, 0); labels.len()];
+    for (row, &t) in sims.iter().zip(truth) {
+        let better = row.iter().filter(|&&s| s > row[t]).count();
+        per[t].1 += 1;
+        if better == 0 {
+            hits1 += 1;
+            per[t].0 += 1;
+        }
+        if better < 5 {
+            hits5 += 1;
+        }
+    }
+    let n = truth.len().max(1) as f64;
+    Ok(ZeroShotReport {
+        images: truth.len(),
+        classes: labels.len(),
+        undecodable,
+        top1: hits1 as f64 / n,
+        top5: hits5 as f64 / n,
+        per_class: labels
+            .iter()
+            .zip(&per)
+            .filter(|(_, (_, total))| *total > 0)
+            .map(|(l, (h, total))| (l.clone(), *h as f64 / *total as f64))
+            .collect(),
+    })
+}
+
+/// Embeds each distinct text once with `embed` and expands back to one row
+/// per text: equal captions get bit-equal embeddings (so their ties are ties
+/// whatever batches they fell in), and repeated captions cost nothing.
+pub fn embed_distinct(
+    texts: &[String],
+    mut embed: impl FnMut(&[String]) -> anyhow::Result<Tensor>,
+) -> anyhow::Result<Tensor> {
+    let mut index = std::collections::HashMap::new();
+    let mut distinct: Vec<String> = Vec::new();
+    let rows: Vec<u32> = texts
+        .iter()
+        .map(|t| {
+            *index.entry(t.as_str()).or_insert_with(|| {
+                distinct.push(t.clone());
+                (distinct.len() - 1) as u32
+            })
+        })
+        .collect();
+    let emb = embed(&distinct)?.to_device(&Device::Cpu)?;
+    let idx = Tensor::from_vec(rows, texts.len(), &Device::Cpu)?;
+    Ok(emb.index_select(&idx, 0)?)
+}
+
+/// Embeds texts with a loaded pipeline in chunks of `chunk` (CPU tensor).
+fn embed_texts(pipeline: &Pipeline, texts: &[String], chunk: usize) -> anyhow::Result<Tensor> {
+    embed_distinct(texts, |distinct| {
+        let mut rows = Vec::new();
+        for c in distinct.chunks(chunk.max(1)) {
+            rows.push(pipeline.embed_texts(c)?.to_device(&Device::Cpu)?);
+        }
+        Ok(Tensor::cat(&rows, 0)?)
+    })
+}
+
+/// Embeds encoded images in chunks; an image that does not decode is
+/// skipped and reported by its index.
+fn embed_images(
+    pipeline: &Pipeline,
+    images: &[Vec<u8>],
+    chunk: usize,
+) -> anyhow::Result<(Option<Tensor>, Vec<usize>)> {
+    let mut rows = Vec::new();
+    let mut bad = Vec::new();
+    for (ci, c) in images.chunks(chunk.max(1)).enumerate() {
+        let mut pixels = Vec::new();
+        for (j, bytes) in c.iter().enumerate() {
+            match pipeline.preprocessor.preprocess(bytes) {
+                Ok(p) => pixels.push(p),
+                Err(_) => bad.push(ci * chunk.max(1) + j),
+            }
+        }
+        if pixels.is_empty() {
+            continue;
+        }
+        let t = pipeline
+            .preprocessor
+            .batch(&pixels, pipeline.clip.device())?;
+        rows.push(pipeline.clip.encode_image(&t)?.to_device(&Device::Cpu)?);
+    }
+    let t = if rows.is_empty() {
+        None
+    } else {
+        Some(Tensor::cat(&rows, 0)?)
+    };
+    Ok((t, bad))
+}
+
+/// Retrieval on webdataset shards: every sample's original captions (its
+/// generated ones when it has none) against its image. Image embeddings come
+/// from `features` when given (as written by `features`), else from the model.
+pub fn eval_shards(
+    pipeline: &Pipeline,
+    shards: &[PathBuf],
+    features: Option<&Path>,
+    chunk: usize,
+) -> anyhow::Result<(RetrievalReport, usize)> {
+    let (images, texts, owner, skipped) = match features {
+        Some(dir) => {
+            let set = crate::dataset::FeatureSet::load(shards, dir)?;
+            let v = crate::fit::ValSet::new(&set)?;
+            (
+                v.images,
+                v.texts,
+                v.owner,
+                set.skipped.total() + set.without_features,
+            )
+        }
+        None => {
+            let mut samples = Vec::new();
+            let mut skipped = 0;
+            for s in shards {
+                let (ss, k) = crate::data::read_source(s, true);
+                samples.extend(ss);
+                skipped += k.total();
+            }
+            let bytes: Vec<Vec<u8>> = samples.iter().map(|s| s.image.clone()).collect();
+            let (emb, bad) = embed_images(pipeline, &bytes, chunk)?;
+            let emb = emb.ok_or_else(|| anyhow::anyhow!("no decodable image in the shards"))?;
+            skipped += bad.len();
+            let mut texts = Vec::new();
+            let mut owner = Vec::new();
+            let good = samples
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !bad.contains(i))
+                .map(|(_, s)| s);
+            for (row, s) in good.enumerate() {
+                let caps = if s.captions.is_empty() {
+                    &s.generated
+                } else {
+                    &s.captions
+                };
+                for c in caps {
+                    texts.push(c.clone());
+                    owner.push(row);
+                }
+            }
+            (emb, texts, owner, skipped)
+        }
+    };
+    let t = embed_texts(pipeline, &texts, chunk)?;
+    Ok((retrieval(&images, &t, &owner)?, skipped))
+}
+
+/// Zero-shot classification of `DIR/<class>/*` with `labels.txt`: class
+/// embeddings from the prompt templates, top-1/top-5 accuracy.
+pub fn eval_zero_shot(
+    pipeline: &Pipeline,
+    dir: &Path,
+    labels_file: &Path,
+    templates: &[String],
+    chunk: usize,
+) -> anyhow::Result<ZeroShotReport> {
+    anyhow::ensure!(!templates.is_empty(), "no prompt templates");
+    let set = labelled_images(dir, labels_file)?;
+    anyhow::ensure!(!set.images.is_empty(), "{}: no images", dir.display());
+    let mut class_rows = Vec::new();
+    for l in &set.labels {
+        let prompts: Vec<String> = templates
+            .iter()
+            .map(|t| capivara::zeroshot::fill_template(t, l))
+            .collect();
+        let e = embed_texts(pipeline, &prompts, chunk)?.to_vec2::<f32>()?;
+        class_rows.push(capivara::zeroshot::mean_normalized(&e));
+    }
+    let dim = class_rows[0].len();
+    let classes = Tensor::from_vec(class_rows.concat(), (set.labels.len(), dim), &Device::Cpu)?;
+    let bytes = set
+        .images
+        .iter()
+        .map(|(p, _)| std::fs::read(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (emb, bad) = embed_images(pipeline, &bytes, chunk)?;
+    let emb = emb.ok_or_else(|| anyhow::anyhow!("no decodable image under {}", dir.display()))?;
+    let truth: Vec<usize> = set
+        .images
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !bad.contains(i))
+        .map(|(_, (_, c))| *c)
+        .collect();
+    zero_shot(&emb, &classes, &truth, &set.labels, bad.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(rows: &[&[f32]]) -> Tensor {
+        let v: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+        Tensor::from_vec(v, (rows.len(), rows[0].len()), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn recall_counts_ranks_and_multiple_captions() {
+        // Three images on the axes; texts 0,1 belong to image 0, text 2 to
+        // image 1 but points at image 2, text 3 to image 2.
+        let images = t(&[&[1., 0., 0.], &[0., 1., 0.], &[0., 0., 1.]]);
+        let texts = t(&[
+            &[1., 0., 0.],
+            &[0.9, 0.1, 0.],
+            &[0., 0.2, 0.9],
+            &[0., 0., 1.],
+        ]);
+        let r = retrieval(&images, &texts, &[0, 0, 1, 2]).unwrap();
+        // t2i ranks: 0, 0, 1 (image 2 beats image 1), 0.
+        assert_eq!(r.text_to_image.r1, 0.75);
+        assert_eq!(r.text_to_image.r5, 1.0);
+        // i2t: image 0 -> its texts first; image 1 -> text 2 is the best for
+        // column 1? column 1 scores: 0, .1, .2, 0 -> text 2 first; image 2 ->
+        // text 3 (1.0) then text 2 (0.9): rank 0.
+        assert_eq!(r.image_to_text.r1, 1.0);
+        assert!((r.mean_recall - (0.75 + 1.0 + 1.0 + 1.0 + 1.0 + 1.0) / 6.0).abs() < 1e-12);
+        // Ties count against the query.
+        let same = t(&[&[1., 0.], &[1., 0.]]);
+        let r = retrieval(&same, &same, &[0, 1]).unwrap();
+        assert_eq!(r.text_to_image.r1, 0.0);
+        assert!(retrieval(&images, &texts, &[0, 0, 5, 2]).is_err());
+    }
+
+    #[test]
+    fn zero_shot_top1_and_top5() {
+        let images = t(&[&[1., 0.], &[0., 1.], &[0.6, 0.8]]);
+        let classes = t(&[&[1., 0.], &[0., 1.]]);
+        let labels = vec!["gato".to_string(), "cachorro".to_string()];
+        let r = zero_shot(&images, &classes, &[0, 1, 0], &labels, 2).unwrap();
+        assert!((r.top1 - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(r.top5, 1.0);
+        assert_eq!(r.per_class["gato"], 0.5);
+        assert_eq!(r.per_class["cachorro"], 1.0);
+        assert_eq!(r.undecodable, 2);
+    }
+
+    #[test]
+    fn labels_file_forms_and_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["gato", "dog", "extra"] {
+            std::fs::create_dir(dir.path().join(d)).unwrap();
+            std::fs::write(dir.path().join(d).join("a.png"), b"x").unwrap();
+        }
+        let lf = dir.path().join("labels.txt");
+        std::fs::write(&lf, "# classes\ngato\ndog\tcachorro\n").unwrap();
+        let l = labelled_images(dir.path(), &lf).unwrap();
+        assert_eq!(l.labels, ["gato", "cachorro"]);
+        assert_eq!(l.images.len(), 2);
+        assert_eq!(l.images[1].1, 1);
+        assert_eq!(l.unlisted_dirs, ["extra"]);
+        std::fs::write(&lf, "gato\n").unwrap();
+        assert!(labelled_images(dir.path(), &lf).is_err());
+        std::fs::write(&lf, "gato\ngato\n").unwrap();
+        assert!(labelled_images(dir.path(), &lf).is_err());
+        std::fs::write(&lf, "gato\nmissing\n").unwrap();
+        assert!(labelled_images(dir.path(), &lf).is_err());
+    }
+}

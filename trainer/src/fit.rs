@@ -1,0 +1,478 @@
+//! `fit`: CAPIVARA's LiT + LoRA training loop on cached image features.
+//!
+//! A run directory holds `fit.json` (the settings), `adapter.json` (what
+//! `merge` needs), `metrics.jsonl` (one JSON object per step and per
+//! validation), `checkpoints/step-NNNNNNNN/` (trainable tensors, optimizer
+//! moments, `state.json`; written to a temporary name and renamed) and, at the
+//! end, `lora.safetensors`. `--resume` continues from the latest checkpoint
+//! and reproduces the uninterrupted run: batches, caption draws and dropout
+//! masks are functions of (seed, step).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::dataset::{expand_all, mix, Batches, FeatureSet};
+use crate::eval::{retrieval, RetrievalReport};
+use crate::loss::grad_cache;
+use crate::merge::{ADAPTER_FILE, LORA_FILE};
+use crate::model::{TrainModel, TrainSpec};
+use crate::optim::{Adam, AdamConfig, Schedule};
+
+/// The trainable tensors inside a checkpoint directory.
+pub const TRAINABLE_FILE: &str = "trainable.safetensors";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const STATE_FILE: &str = "state.json";
+const FIT_FILE: &str = "fit.json";
+const METRICS_FILE: &str = "metrics.jsonl";
+
+/// Everything `fit` is told.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FitConfig {
+    pub model: String,
+    pub shards: Vec<String>,
+    pub features: PathBuf,
+    pub val_shards: Vec<String>,
+    pub val_features: Option<PathBuf>,
+    pub device: String,
+    pub dtype: String,
+    pub spec: TrainSpec,
+    pub adam: AdamConfig,
+    pub schedule: Schedule,
+    pub batch_size: usize,
+    pub micro_batch: usize,
+    /// `None`: all generated captions join the draw.
+    pub generated_captions: Option<usize>,
+    pub seed: u64,
+    /// Checkpoint every N steps (0: only at the end).
+    pub checkpoint_every: usize,
+    /// Checkpoints kept (the oldest are removed).
+    pub keep_checkpoints: usize,
+    /// Validate every N steps (0: only before and after).
+    pub val_every: usize,
+}
+
+impl FitConfig {
+    /// The settings a resumed run must share with the original.
+    fn reproducibility_diff(&self, other: &FitConfig) -> Vec<&'static str> {
+        let mut d = Vec::new();
+        if self.spec != other.spec {
+            d.push("LoRA/trainable settings");
+        }
+        if self.adam != other.adam {
+            d.push("optimizer settings");
+        }
+        if self.schedule != other.schedule {
+            d.push("learning-rate schedule / --max-steps");
+        }
+        if self.batch_size != other.batch_size {
+            d.push("--batch-size");
+        }
+        if self.seed != other.seed {
+            d.push("--seed");
+        }
+        if self.generated_captions != other.generated_captions {
+            d.push("--generated-captions");
+        }
+        if self.shards != other.shards {
+            d.push("--shards");
+        }
+        d
+    }
+}
+
+/// What `fit` reports at the end.
+#[derive(Debug, Clone, Serialize)]
+pub struct FitSummary {
+    pub steps: usize,
+    pub resumed_from: Option<usize>,
+    pub samples: usize,
+    pub first_loss: Option<f32>,
+    pub final_loss: Option<f32>,
+    pub val_before: Option<RetrievalReport>,
+    pub val_after: Option<RetrievalReport>,
+    pub seconds: f64,
+    pub seconds_per_step: f64,
+    pub samples_per_second: f64,
+    pub trainable_parameters: usize,
+    pub lora_parameters: usize,
+    pub peak_rss_bytes: Option<u64>,
+    pub out: PathBuf,
+}
+
+/// Parses `f32`, `f16`, `bf16`.
+pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        _ => anyhow::bail!("unknown dtype `{s}` (f32, f16, bf16)"),
+    }
+}
+
+/// The process's peak resident set size (Linux `VmHWM`).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn checkpoint_dir(out: &Path, step: usize) -> PathBuf {
+    out.join("checkpoints").join(format!("step-{step:08}"))
+}
+
+/// The complete checkpoints of a run, oldest first.
+pub fn checkpoints(out: &Path) -> anyhow::Result<Vec<(usize, PathBuf)>> {
+    let dir = out.join("checkpoints");
+    if !dir.is_dir() {
+        return Ok(vec![]);
+    }
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(&dir)? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(n) = name.strip_prefix("step-").and_then(|n| n.parse().ok()) {
+            if e.path().join(STATE_FILE).is_file() {
+                v.push((n, e.path()));
+            }
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// The latest complete checkpoint of a run.
+pub fn latest_checkpoint(out: &Path) -> anyhow::Result<Option<PathBuf>> {
+    Ok(checkpoints(out)?.pop().map(|c| c.1))
+}
+
+#[derive(Serialize, Deserialize)]
+struct State {
+    step: usize,
+}
+
+/// Writes `f` to `path` through a temporary file and a rename.
+fn write_atomic(path: &Path, f: impl FnOnce(&Path) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    f(&tmp)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+fn save_checkpoint(
+    out: &Path,
+    step: usize,
+    model: &TrainModel,
+    opt: &Adam,
+    keep: usize,
+) -> anyhow::Result<()> {
+    let dest = checkpoint_dir(out, step);
+    let tmp = out.join("checkpoints").join(format!(".step-{step:08}.tmp"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    model.save_trainable(&tmp.join(TRAINABLE_FILE))?;
+    opt.save(&tmp.join(OPTIMIZER_FILE))?;
+    std::fs::write(tmp.join(STATE_FILE), serde_json::to_vec(&State { step })?)?;
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest)?;
+    }
+    std::fs::rename(&tmp, &dest)?;
+    let all = checkpoints(out)?;
+    if all.len() > keep.max(1) {
+        for (_, p) in &all[..all.len() - keep.max(1)] {
+            std::fs::remove_dir_all(p)?;
+        }
+    }
+    Ok(())
+}
+
+/// A held-out set for validation: every original caption (or, for a sample
+/// with none, its generated ones) against the cached image embeddings.
+pub struct ValSet {
+    pub images: Tensor,
+    pub texts: Vec<String>,
+    pub owner: Vec<usize>,
+}
+
+impl ValSet {
+    pub fn new(set: &FeatureSet) -> anyhow::Result<Self> {
+        let mut texts = Vec::new();
+        let mut owner = Vec::new();
+        for (i, it) in set.items.iter().enumerate() {
+            let caps = if it.captions.is_empty() {
+                &it.generated
+            } else {
+                &it.captions
+            };
+            for c in caps {
+                texts.push(c.clone());
+                owner.push(i);
+            }
+        }
+        anyhow::ensure!(!texts.is_empty(), "the validation set is empty");
+        Ok(Self {
+            images: set.all_rows()?,
+            texts,
+            owner,
+        })
+    }
+
+    /// Retrieval recall of the model as it is now (dropout off).
+    pub fn evaluate(
+        &self,
+        model: &mut TrainModel,
+        chunk: usize,
+    ) -> anyhow::Result<RetrievalReport> {
+        model.clip.text.set_training(false);
+        let texts =
+            crate::eval::embed_distinct(&self.texts, |d| model.embed_texts_detached(d, chunk));
+        model.clip.text.set_training(model.spec.dropout > 0.0);
+        retrieval(&self.images, &texts?, &self.owner)
+    }
+}
+
+struct Metrics(std::fs::File);
+
+impl Metrics {
+    fn write(&mut self, v: serde_json::Value) -> anyhow::Result<()> {
+        writeln!(self.0, "{v}")?;
+        self.0.flush()?;
+        Ok(())
+    }
+}
+
+/// Runs (or resumes) a training run into `out`.
+pub fn fit(
+    cfg: &FitConfig,
+    out: &Path,
+    resume: bool,
+    progress: bool,
+) -> anyhow::Result<FitSummary> {
+    anyhow::ensure!(cfg.micro_batch >= 1, "--micro-batch must be at least 1");
+    anyhow::ensure!(
+        cfg.schedule.max_steps >= 1,
+        "--max-steps must be at least 1"
+    );
+    anyhow::ensure!(
+        cfg.schedule.lr.is_finite() && cfg.schedule.lr > 0.0,
+        "--lr must be positive"
+    );
+    anyhow::ensure!(
+        cfg.schedule.min_lr >= 0.0 && cfg.schedule.min_lr <= cfg.schedule.lr,
+        "--min-lr must be in [0, --lr]"
+    );
+    let device = capivara::parse_device(&cfg.device)?;
+    let dtype = parse_dtype(&cfg.dtype)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let fit_file = out.join(FIT_FILE);
+    let mut start = 0usize;
+    let latest = if resume {
+        latest_checkpoint(out)?
+    } else {
+        None
+    };
+    if resume {
+        let saved: FitConfig =
+            serde_json::from_slice(&std::fs::read(&fit_file).with_context(|| {
+                format!("--resume: {} (no run to resume)", fit_file.display())
+            })?)?;
+        let diff = cfg.reproducibility_diff(&saved);
+        anyhow::ensure!(
+            diff.is_empty(),
+            "--resume: {} differ from the run in {}",
+            diff.join(", "),
+            out.display()
+        );
+    } else {
+        anyhow::ensure!(
+            checkpoints(out)?.is_empty() && !out.join(LORA_FILE).exists(),
+            "{} already holds a run: pass --resume to continue it, or choose another --out",
+            out.display()
+        );
+        std::fs::write(&fit_file, serde_json::to_vec_pretty(cfg)?)?;
+    }
+    std::fs::write(
+        out.join(ADAPTER_FILE),
+        serde_json::to_vec_pretty(&cfg.spec)?,
+    )?;
+
+    let files = capivara::model::weights::resolve(&cfg.model)?;
+    let mut model = TrainModel::load(files, cfg.spec.clone(), &device, dtype)?;
+    let shards = expand_all(&cfg.shards)?;
+    anyhow::ensure!(!shards.is_empty(), "no --shards");
+    let set = FeatureSet::load(&shards, &cfg.features)?;
+    anyhow::ensure!(
+        set.dim == model.clip.embed_dim(),
+        "features of size {} but the model embeds in {}: were they computed with another model?",
+        set.dim,
+        model.clip.embed_dim()
+    );
+    if let Some(m) = set.models.iter().find(|m| **m != cfg.model) {
+        eprintln!(
+            "warning: features were computed with `{m}`, training `{}`",
+            cfg.model
+        );
+    }
+    eprintln!(
+        "{} training samples from {} shards ({} skipped, {} without features)",
+        set.len(),
+        shards.len(),
+        set.skipped.total(),
+        set.without_features
+    );
+    let val = if cfg.val_shards.is_empty() {
+        None
+    } else {
+        let vdir = cfg.val_features.as_ref().unwrap_or(&cfg.features);
+        let vs = FeatureSet::load(&expand_all(&cfg.val_shards)?, vdir)?;
+        Some(ValSet::new(&vs)?)
+    };
+    let mut batches = Batches::new(set.len(), cfg.batch_size, cfg.seed, cfg.generated_captions)?;
+    let mut opt = Adam::new(model.vars(), cfg.adam.clone())?;
+    if let Some(ck) = &latest {
+        let state: State = serde_json::from_slice(&std::fs::read(ck.join(STATE_FILE))?)?;
+        model.load_trainable(&ck.join(TRAINABLE_FILE))?;
+        opt.load(&ck.join(OPTIMIZER_FILE), state.step)?;
+        start = state.step;
+        eprintln!("resuming from {} (step {start})", ck.display());
+    } else if resume {
+        eprintln!(
+            "--resume: no checkpoint in {}, starting at step 0",
+            out.display()
+        );
+    }
+    let mut metrics = Metrics(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(out.join(METRICS_FILE))?,
+    );
+    let chunk = cfg.micro_batch;
+    let val_before = match &val {
+        Some(v) if start == 0 => {
+            let r = v.evaluate(&mut model, chunk)?;
+            metrics.write(serde_json::json!({"step": 0, "val": r}))?;
+            eprintln!("step 0: validation mean recall {:.4}", r.mean_recall);
+            Some(r)
+        }
+        _ => None,
+    };
+
+    let max = cfg.schedule.max_steps;
+    let bar = if progress {
+        indicatif::ProgressBar::new(max as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_position(start as u64);
+    let started = Instant::now();
+    let (mut first_loss, mut last_loss) = (None, None);
+    let mut val_after = None;
+    for step in start..max {
+        let t0 = Instant::now();
+        let lr = cfg.schedule.at(step);
+        let idx = batches.indices(step);
+        let captions = batches.captions(&set, &idx, step);
+        let images = set.rows(&idx, &device)?;
+        let g = grad_cache(
+            &model,
+            &captions,
+            &images,
+            cfg.micro_batch,
+            mix(cfg.seed, step as u64),
+        )?;
+        anyhow::ensure!(
+            g.loss.is_finite(),
+            "the loss is {} at step {}: lower --lr",
+            g.loss,
+            step + 1
+        );
+        opt.apply(&g.grads, lr)?;
+        if cfg.spec.learn_logit_scale {
+            // open_clip clamps the logit scale to [0, ln 100].
+            let ls = model.clip.logit_scale.clamp(0f32, 100f32.ln())?;
+            if let Some((_, var)) = model.vars().into_iter().find(|(n, _)| n == "logit_scale") {
+                var.set(&ls.detach().copy()?)?;
+            }
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        first_loss.get_or_insert(g.loss);
+        last_loss = Some(g.loss);
+        let done = step + 1;
+        metrics.write(serde_json::json!({
+            "step": done,
+            "loss": g.loss,
+            "lr": lr,
+            "step_seconds": secs,
+            "samples_per_second": cfg.batch_size as f64 / secs.max(1e-9),
+            "logit_scale": model.clip.logit_scale_exp()?,
+        }))?;
+        bar.set_position(done as u64);
+        bar.set_message(format!(
+            "loss {:.4} lr {:.2e} {:.1} samples/s",
+            g.loss,
+            lr,
+            cfg.batch_size as f64 / secs.max(1e-9)
+        ));
+        let validate = match &val {
+            Some(_) => done == max || (cfg.val_every > 0 && done % cfg.val_every == 0),
+            None => false,
+        };
+        if validate {
+            let r = val.as_ref().expect("checked").evaluate(&mut model, chunk)?;
+            metrics.write(serde_json::json!({"step": done, "val": r}))?;
+            bar.suspend(|| eprintln!("step {done}: validation mean recall {:.4}", r.mean_recall));
+            if done == max {
+                val_after = Some(r);
+            }
+        }
+        if done == max || (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0) {
+            save_checkpoint(out, done, &model, &opt, cfg.keep_checkpoints)?;
+        }
+    }
+    bar.finish_and_clear();
+    write_atomic(&out.join(LORA_FILE), |p| model.save_trainable(p))?;
+    let seconds = started.elapsed().as_secs_f64();
+    let steps = max - start;
+    Ok(FitSummary {
+        steps,
+        resumed_from: latest.as_ref().map(|_| start),
+        samples: set.len(),
+        first_loss,
+        final_loss: last_loss,
+        val_before,
+        val_after,
+        seconds,
+        seconds_per_step: seconds / steps.max(1) as f64,
+        samples_per_second: (steps * cfg.batch_size) as f64 / seconds.max(1e-9),
+        trainable_parameters: model.trainable_count(),
+        lora_parameters: model.lora_count(),
+        peak_rss_bytes: peak_rss_bytes(),
+        out: out.to_path_buf(),
+    })
+}
+
+/// Loads the model of a run with its trained tensors (no merge), for
+/// evaluation and for checking a merge.
+pub fn load_trained(
+    files: capivara::model::weights::ModelFiles,
+    run: &Path,
+    device: &Device,
+) -> anyhow::Result<TrainModel> {
+    let rw = crate::merge::read_run(run)?;
+    let mut model = TrainModel::load(files, rw.spec.clone(), device, DType::F32)?;
+    model.load_trainable(&rw.source)?;
+    model.clip.text.set_training(false);
+    Ok(model)
+}
