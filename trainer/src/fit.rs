@@ -101,6 +101,9 @@ pub struct FitSummary {
     pub trainable_parameters: usize,
     pub lora_parameters: usize,
     pub peak_rss_bytes: Option<u64>,
+    /// Mean seconds per step in each phase (GradCache's first pass, the loss,
+    /// the second pass's forward and backward) and in the optimizer.
+    pub mean_step_seconds: Option<serde_json::Value>,
     pub out: PathBuf,
 }
 
@@ -378,6 +381,7 @@ pub fn fit(
     bar.set_position(start as u64);
     let started = Instant::now();
     let (mut first_loss, mut last_loss) = (None, None);
+    let mut phase = [0f64; 5];
     let mut val_after = None;
     for step in start..max {
         let t0 = Instant::now();
@@ -398,7 +402,19 @@ pub fn fit(
             g.loss,
             step + 1
         );
+        let t_opt = Instant::now();
         opt.apply(&g.grads, lr)?;
+        device.synchronize()?;
+        let t_opt = t_opt.elapsed().as_secs_f64();
+        for (acc, x) in phase.iter_mut().zip([
+            g.timing.embed,
+            g.timing.loss,
+            g.timing.forward,
+            g.timing.backward,
+            t_opt,
+        ]) {
+            *acc += x;
+        }
         if cfg.spec.learn_logit_scale {
             // open_clip clamps the logit scale to [0, ln 100].
             let ls = model.clip.logit_scale.clamp(0f32, 100f32.ln())?;
@@ -417,6 +433,7 @@ pub fn fit(
             "step_seconds": secs,
             "samples_per_second": cfg.batch_size as f64 / secs.max(1e-9),
             "logit_scale": model.clip.logit_scale_exp()?,
+            "seconds": g.timing,
         }))?;
         bar.set_position(done as u64);
         bar.set_message(format!(
@@ -459,6 +476,16 @@ pub fn fit(
         trainable_parameters: model.trainable_count(),
         lora_parameters: model.lora_count(),
         peak_rss_bytes: peak_rss_bytes(),
+        mean_step_seconds: (steps > 0).then(|| {
+            let n = steps as f64;
+            serde_json::json!({
+                "embed_no_graph": phase[0] / n,
+                "loss": phase[1] / n,
+                "forward": phase[2] / n,
+                "backward": phase[3] / n,
+                "optimizer": phase[4] / n,
+            })
+        }),
         out: out.to_path_buf(),
     })
 }

@@ -16,6 +16,12 @@ use candle_core::{DType, Tensor, Var};
 
 use crate::model::TrainModel;
 
+/// Waits for the device to finish all the work queued so far (CUDA runs
+/// asynchronously: without this the timings would be of the queueing).
+fn sync(t: &Tensor) -> candle_core::Result<()> {
+    t.device().synchronize()
+}
+
 /// `mean_i(logsumexp(logits_i) - logits_i[i])` over rows, differentiable.
 fn cross_entropy_diag(logits: &Tensor) -> candle_core::Result<Tensor> {
     let n = logits.dim(0)?;
@@ -49,6 +55,21 @@ pub fn clip_loss(
 pub struct StepGrads {
     pub loss: f32,
     pub grads: HashMap<String, Tensor>,
+    /// Where the step's time went, in seconds.
+    pub timing: Timing,
+}
+
+/// Seconds spent in each phase of a step.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Timing {
+    /// GradCache's first pass: every text embedded without a graph.
+    pub embed: f64,
+    /// The loss and its gradient with respect to the embeddings.
+    pub loss: f64,
+    /// The second pass's forward (with the graph).
+    pub forward: f64,
+    /// The second pass's backward.
+    pub backward: f64,
 }
 
 /// Sets the replayable dropout before a forward pass over rows
@@ -84,15 +105,23 @@ pub fn full_batch_grads(
     images: &Tensor,
     seed: u64,
 ) -> anyhow::Result<StepGrads> {
+    let mut timing = Timing::default();
+    let t = std::time::Instant::now();
     set_dropout(model, seed, 0);
     let texts = model.encode_texts(captions)?;
+    sync(&texts)?;
+    timing.forward = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
     let loss = clip_loss(images, &texts, &model.clip.logit_scale)?;
     let store = loss.backward()?;
     let mut grads = HashMap::new();
     add_grads(&mut grads, &model.vars(), &store)?;
+    let loss = loss.to_scalar::<f32>()?;
+    timing.backward = t.elapsed().as_secs_f64();
     Ok(StepGrads {
-        loss: loss.to_scalar::<f32>()?,
+        loss,
         grads,
+        timing,
     })
 }
 
@@ -112,14 +141,24 @@ pub fn grad_cache(
         "{} images for {b} captions",
         images.dim(0)?
     );
+    if micro >= b {
+        // One micro-batch holds the batch: no need for the extra pass.
+        return full_batch_grads(model, captions, images, seed);
+    }
+    let mut timing = Timing::default();
+    let clock = std::time::Instant::now;
     // (1) Every text embedding, no graph kept.
+    let t = clock();
     let mut rows = Vec::with_capacity(b.div_ceil(micro));
     for (i, chunk) in captions.chunks(micro).enumerate() {
         set_dropout(model, seed, i * micro);
         rows.push(model.encode_texts(chunk)?.detach());
     }
     let texts = Var::from_tensor(&Tensor::cat(&rows, 0)?)?;
+    sync(images)?;
+    timing.embed = t.elapsed().as_secs_f64();
     // (2) The loss over the whole batch and d loss / d texts.
+    let t = clock();
     let loss = clip_loss(images, texts.as_tensor(), &model.clip.logit_scale)?;
     let store = loss.backward()?;
     let vars = model.vars();
@@ -130,17 +169,26 @@ pub fn grad_cache(
         .get(texts.as_tensor())
         .ok_or_else(|| anyhow::anyhow!("no gradient reached the text embeddings"))?
         .detach();
+    let loss = loss.to_scalar::<f32>()?;
+    timing.loss = t.elapsed().as_secs_f64();
     // (3) Each micro-batch again, with the graph, back-propagating its slice.
     for (i, chunk) in captions.chunks(micro).enumerate() {
         set_dropout(model, seed, i * micro);
+        let t = clock();
         let emb = model.encode_texts(chunk)?;
+        sync(&emb)?;
+        timing.forward += t.elapsed().as_secs_f64();
+        let t = clock();
         let g = d_texts.narrow(0, i * micro, chunk.len())?;
         let surrogate = (emb * g)?.sum_all()?;
         let store = surrogate.backward()?;
         add_grads(&mut grads, &vars, &store)?;
+        sync(&d_texts)?;
+        timing.backward += t.elapsed().as_secs_f64();
     }
     Ok(StepGrads {
-        loss: loss.to_scalar::<f32>()?,
+        loss,
         grads,
+        timing,
     })
 }
