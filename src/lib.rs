@@ -8,6 +8,7 @@
 //! - [`pipeline`]: all three loaded together;
 //! - [`zeroshot`]: prompt templates and class embeddings.
 
+pub mod bench;
 pub mod error;
 pub mod model;
 pub mod pipeline;

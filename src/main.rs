@@ -28,6 +28,9 @@ enum Command {
     Serve(ServeArgs),
     /// Print L2-normalised embeddings of texts and images as one JSON object.
     Embed(EmbedArgs),
+    /// Measure the towers' throughput in this process (after a warm-up) and
+    /// print one JSON object.
+    Bench(BenchArgs),
     /// Print the OpenAPI document of the HTTP API (openapi/openapi.json).
     #[cfg(feature = "server")]
     Openapi,
@@ -91,6 +94,107 @@ struct EmbedArgs {
     /// Weights dtype: f32, f16 or bf16 (f32 is fastest on CPU).
     #[arg(long, env = "CAPIVARA_DTYPE", default_value = "f32")]
     dtype: String,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Model: a local directory or a Hugging Face repo id.
+    #[arg(long, env = "CAPIVARA_MODEL", default_value = DEFAULT_MODEL)]
+    model: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "CAPIVARA_DEVICE", default_value = "cpu")]
+    device: String,
+    /// Weights dtype: f32, f16 or bf16.
+    #[arg(long, env = "CAPIVARA_DTYPE", default_value = "f32")]
+    dtype: String,
+    /// Towers to time: image, text (repeatable; default both).
+    #[arg(long = "tower", value_parser = ["image", "text"])]
+    towers: Vec<String>,
+    /// Batch sizes (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    batch: Vec<usize>,
+    /// Untimed passes before timing each row.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Time each row for at least this many seconds ...
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// ... and at least this many passes.
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    /// Texts, one per line (default: 16 Portuguese prompts of 8-16 tokens).
+    #[arg(long)]
+    texts: Option<PathBuf>,
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    use capivara::bench::{measure, Tower};
+    let device = capivara::parse_device(&args.device)?;
+    let dtype = parse_dtype(&args.dtype)?;
+    anyhow::ensure!(
+        args.batch.iter().all(|&b| b > 0),
+        "batch sizes must be positive"
+    );
+    anyhow::ensure!(
+        args.seconds.is_finite() && args.seconds >= 0.0,
+        "--seconds must be a non-negative number"
+    );
+    let texts = match &args.texts {
+        Some(p) => {
+            let t: Vec<String> = std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(String::from)
+                .collect();
+            anyhow::ensure!(!t.is_empty(), "{}: no texts", p.display());
+            t
+        }
+        None => capivara::bench::default_texts(),
+    };
+    let towers: Vec<Tower> = if args.towers.is_empty() {
+        vec![Tower::Image, Tower::Text]
+    } else {
+        args.towers
+            .iter()
+            .map(|t| {
+                if t == "image" {
+                    Tower::Image
+                } else {
+                    Tower::Text
+                }
+            })
+            .collect()
+    };
+    let load = std::time::Instant::now();
+    let pipeline = Pipeline::load(&args.model, &device, dtype)?;
+    let load_seconds = load.elapsed().as_secs_f64();
+    let mut rows = Vec::new();
+    for &tower in &towers {
+        for &b in &args.batch {
+            rows.push(measure(
+                &pipeline,
+                tower,
+                b,
+                &texts,
+                args.warmup,
+                std::time::Duration::from_secs_f64(args.seconds),
+                args.iters,
+            )?);
+        }
+    }
+    let out = serde_json::json!({
+        "model": args.model,
+        "device": capivara::bench::device_name(&device),
+        "dtype": args.dtype,
+        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "load_seconds": load_seconds,
+        "rows": rows,
+    });
+    let mut stdout = std::io::stdout().lock();
+    serde_json::to_writer(&mut stdout, &out)?;
+    writeln!(stdout)?;
+    Ok(())
 }
 
 #[derive(serde::Serialize)]
@@ -189,6 +293,7 @@ fn main() -> ExitCode {
         #[cfg(feature = "server")]
         Command::Serve(args) => serve(args),
         Command::Embed(args) => embed(args),
+        Command::Bench(args) => bench(args),
         #[cfg(feature = "server")]
         Command::Openapi => {
             print!("{}", capivara::server::openapi::document());

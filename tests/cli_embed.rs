@@ -277,3 +277,102 @@ fn local_directory_prefers_safetensors_then_bin_then_ckpt() {
     let e = capivara::model::weights::resolve(dir.path().to_str().unwrap()).unwrap_err();
     assert!(e.to_string().contains("no weights"), "{e}");
 }
+
+#[test]
+fn bench_times_each_tower_and_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let texts = dir.path().join("texts.txt");
+    std::fs::write(&texts, "uma capivara na beira do rio\num gato\n\n").unwrap();
+    let out = capivara()
+        .args(["bench", "--model"])
+        .arg(tiny_dir())
+        .args([
+            "--batch",
+            "1,3",
+            "--seconds",
+            "0",
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+        ])
+        .arg("--texts")
+        .arg(&texts)
+        .output()
+        .unwrap();
+    let v = json(&out);
+    assert_eq!(v["device"], "cpu");
+    let rows = v["rows"].as_array().unwrap();
+    let got: Vec<(String, u64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["tower"].as_str().unwrap().to_string(),
+                r["batch"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("image".into(), 1),
+            ("image".into(), 3),
+            ("text".into(), 1),
+            ("text".into(), 3)
+        ]
+    );
+    for r in rows {
+        assert!(r["iters"].as_u64().unwrap() >= 2);
+        let per = r["per_second"].as_f64().unwrap();
+        let spb = r["seconds_per_batch"].as_f64().unwrap();
+        assert!(per > 0.0 && spb > 0.0);
+        assert!((per * spb - r["batch"].as_f64().unwrap()).abs() < 1e-6);
+    }
+    // The text rows tokenized the given texts: <s> + tokens + </s>, padded to
+    // the longest of the batch (the rio text, cycled in at batch 3).
+    let tok =
+        capivara::tokenizer::TextTokenizer::from_file(&tiny_dir().join("tokenizer.json"), 77, 1)
+            .unwrap();
+    let longest = tok.encode("uma capivara na beira do rio").unwrap().len();
+    assert_eq!(rows[3]["tokens"].as_u64().unwrap() as usize, longest);
+    assert!(rows[0]["tokens"].is_null());
+    // One tower only.
+    let out = capivara()
+        .args(["bench", "--model"])
+        .arg(tiny_dir())
+        .args([
+            "--tower",
+            "text",
+            "--batch",
+            "2",
+            "--seconds",
+            "0",
+            "--iters",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let v = json(&out);
+    assert_eq!(v["rows"].as_array().unwrap().len(), 1);
+    assert_eq!(v["rows"][0]["tower"], "text");
+    // Bad inputs.
+    for (args, needle) in [
+        (vec!["--batch", "0"], "batch sizes must be positive"),
+        (vec!["--tower", "audio"], "audio"),
+        (vec!["--dtype", "f64"], "unknown dtype"),
+        (vec!["--texts", "/no/such/file"], "/no/such/file"),
+    ] {
+        let out = capivara()
+            .args(["bench", "--model"])
+            .arg(tiny_dir())
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needle),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -1,0 +1,143 @@
+//! In-process throughput measurement of the two towers (`capivara bench`):
+//! inputs prepared once on the device (preprocessed pixels, token ids), a
+//! warm-up, then forward passes timed until a minimum time and count are
+//! reached, the device synchronised after each pass. The same inputs and the
+//! same protocol as `scripts/compare_torch.py` uses for PyTorch.
+
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::pipeline::Pipeline;
+
+/// Portuguese prompts of 8 to 16 tokens with XLM-R's tokenizer.
+pub const PROMPTS: &[&str] = &[
+    "uma foto de um cachorro correndo na praia",
+    "uma capivara descansando na beira do rio",
+    "um gato preto dormindo no sofá da sala",
+    "duas crianças jogando futebol na rua",
+    "um prato de feijoada com arroz e farofa",
+    "o pôr do sol visto do alto do morro",
+    "uma bicicleta vermelha encostada no muro",
+    "pessoas caminhando no parque em um dia de sol",
+    "um barco de pesca no mar ao amanhecer",
+    "uma mulher lendo um livro na biblioteca",
+    "um ônibus amarelo parado no ponto",
+    "uma arara azul pousada em um galho",
+    "um homem tocando violão na calçada",
+    "um bolo de chocolate com morangos em cima",
+    "a vista da cidade à noite com muitas luzes",
+    "um cavalo branco pastando no campo verde",
+];
+
+/// Which tower.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tower {
+    Image,
+    Text,
+}
+
+/// One measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchRow {
+    pub tower: Tower,
+    pub batch: usize,
+    pub iters: usize,
+    pub seconds_per_batch: f64,
+    pub per_second: f64,
+    /// Tokens per text, padding included (text tower only).
+    pub tokens: Option<usize>,
+}
+
+/// A deterministic pseudo-photo: smooth gradients and a few edges, so the
+/// image path does real work; preprocessed as any image is.
+fn sample_pixels(pipeline: &Pipeline) -> Result<Vec<f32>> {
+    let s = pipeline.preprocessor.image_size();
+    let mut rgb = Vec::with_capacity(s * s * 3);
+    for y in 0..s {
+        for x in 0..s {
+            let v = ((x * 7 + y * 3) % 256) as u8;
+            rgb.extend_from_slice(&[v, (255 - v) / 2 + (y % 64) as u8, ((x ^ y) % 256) as u8]);
+        }
+    }
+    Ok(pipeline.preprocessor.normalize(&rgb))
+}
+
+/// The inputs of a `batch`: pixels `(batch, 3, s, s)` or token ids.
+pub fn inputs(pipeline: &Pipeline, tower: Tower, batch: usize, texts: &[String]) -> Result<Tensor> {
+    let dev = pipeline.clip.device();
+    match tower {
+        Tower::Image => {
+            let one = sample_pixels(pipeline)?;
+            let all: Vec<Vec<f32>> = (0..batch).map(|_| one.clone()).collect();
+            Ok(pipeline.preprocessor.batch(&all, dev)?)
+        }
+        Tower::Text => {
+            let t: Vec<&str> = texts
+                .iter()
+                .cycle()
+                .take(batch)
+                .map(String::as_str)
+                .collect();
+            Ok(pipeline.tokenizer.encode_batch(&t)?.to_tensor(dev)?)
+        }
+    }
+}
+
+fn forward(pipeline: &Pipeline, tower: Tower, x: &Tensor) -> Result<Tensor> {
+    let y = match tower {
+        Tower::Image => pipeline.clip.encode_image(x)?,
+        Tower::Text => pipeline.clip.encode_text(x)?,
+    };
+    y.device().synchronize()?;
+    Ok(y)
+}
+
+/// Times `tower` at `batch`: `warmup` untimed passes, then passes until both
+/// `min_time` and `min_iters` are reached.
+pub fn measure(
+    pipeline: &Pipeline,
+    tower: Tower,
+    batch: usize,
+    texts: &[String],
+    warmup: usize,
+    min_time: Duration,
+    min_iters: usize,
+) -> Result<BenchRow> {
+    let x = inputs(pipeline, tower, batch, texts)?;
+    for _ in 0..warmup {
+        forward(pipeline, tower, &x)?;
+    }
+    let start = Instant::now();
+    let mut iters = 0;
+    while iters < min_iters.max(1) || start.elapsed() < min_time {
+        forward(pipeline, tower, &x)?;
+        iters += 1;
+    }
+    let secs = start.elapsed().as_secs_f64() / iters as f64;
+    Ok(BenchRow {
+        tower,
+        batch,
+        iters,
+        seconds_per_batch: secs,
+        per_second: batch as f64 / secs,
+        tokens: (tower == Tower::Text).then(|| x.dim(1).unwrap_or(0)),
+    })
+}
+
+/// The default texts as owned strings.
+pub fn default_texts() -> Vec<String> {
+    PROMPTS.iter().map(|s| s.to_string()).collect()
+}
+
+/// Whether `device` is a GPU (for reports).
+pub fn device_name(device: &Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(_) => "cuda".into(),
+        Device::Metal(_) => "metal".into(),
+    }
+}
