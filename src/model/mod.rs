@@ -5,6 +5,7 @@
 pub mod config;
 pub mod layers;
 pub mod lora;
+pub mod safetensors_file;
 pub mod text;
 pub mod vision;
 pub mod weights;

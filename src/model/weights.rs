@@ -3,7 +3,8 @@
 //! `--model` (a local directory or a Hugging Face repo id) to files.
 //!
 //! Formats:
-//! 1. `open_clip_model.safetensors` (memory-mapped);
+//! 1. `open_clip_model.safetensors` (read tensor by tensor, see
+//!    [`super::safetensors_file`]);
 //! 2. `open_clip_pytorch_model.bin` (PyTorch zip pickle of the state dict);
 //! 3. PyTorch-Lightning `.ckpt`: the tensors under `state_dict`, prefixed
 //!    `model.model.` or `model.`; every other pickled object is ignored.
@@ -45,7 +46,7 @@ pub enum Format {
 }
 
 enum Store {
-    Safetensors(candle_core::safetensors::MmapedSafetensors),
+    Safetensors(super::safetensors_file::SafetensorsFile),
     Pickle(candle_core::pickle::PthTensors),
 }
 
@@ -87,15 +88,12 @@ impl Checkpoint {
         let is_zip = &magic == b"PK\x03\x04";
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
         let (format, store, stored): (Format, Store, Vec<String>) = if !is_zip {
-            // SAFETY: the file is memory-mapped read-only; it must not be modified
-            // while the server runs, as with any mmap-ed model file.
-            let st =
-                unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(|e| {
-                    bad(format!(
-                        "not a safetensors file nor a PyTorch zip checkpoint ({e})"
-                    ))
-                })?;
-            let names = st.tensors().into_iter().map(|(n, _)| n).collect();
+            let st = super::safetensors_file::SafetensorsFile::open(path).map_err(|e| {
+                bad(format!(
+                    "not a safetensors file nor a PyTorch zip checkpoint ({e})"
+                ))
+            })?;
+            let names = st.names().cloned().collect();
             (Format::Safetensors, Store::Safetensors(st), names)
         } else {
             let open = |key: Option<&str>| {
@@ -151,7 +149,7 @@ impl Checkpoint {
             file: self.path.clone(),
         })?;
         let t = match &self.store {
-            Store::Safetensors(st) => st.load(stored, &Device::Cpu)?,
+            Store::Safetensors(st) => st.load(stored)?,
             Store::Pickle(p) => p.get(stored)?.ok_or_else(|| Error::MissingTensor {
                 name: name.to_string(),
                 expected: vec![],
