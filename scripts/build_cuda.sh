@@ -5,7 +5,7 @@
 # are linked against, and libcuda (the driver, which only a GPU machine has)
 # is replaced at link time by a stub generated from cudarc's bindings. The
 # binaries then run on any machine with an NVIDIA driver for CUDA >= 13.0 and
-# the CUDA 13 cuBLAS/cuRAND/NVRTC libraries on LD_LIBRARY_PATH (e.g. from the
+# the CUDA 13 cuBLAS/cuRAND/NVRTC/runtime libraries on LD_LIBRARY_PATH (e.g. from the
 # same wheels, or PyTorch's).
 #
 #   scripts/build_cuda.sh [OUT_DIR]     # default: target-cuda/bin
@@ -36,7 +36,7 @@ nvcc --version | tail -2
 # Unversioned names for the linker, and the driver stub.
 LINK="$CARGO_TARGET_DIR/cuda-link"
 mkdir -p "$LINK"
-for lib in cublas cublasLt curand nvrtc; do
+for lib in cublas cublasLt curand nvrtc cudart; do
     ln -sf "$(ls "$CU"/lib/lib$lib.so.* | head -1)" "$LINK/lib$lib.so"
 done
 CUDARC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | tail -1)
@@ -50,4 +50,4 @@ mkdir -p "$OUT"
 cp "$CARGO_TARGET_DIR/release/capivara" "$CARGO_TARGET_DIR/release/capivara-train" "$OUT/"
 strip "$OUT/capivara" "$OUT/capivara-train"
 ls -la "$OUT"
-echo "run with LD_LIBRARY_PATH holding libcublas.so.13, libcublasLt.so.13, libcurand.so.10, libnvrtc.so.13"
+echo "run with LD_LIBRARY_PATH holding libcublas.so.13, libcublasLt.so.13, libcurand.so.10, libnvrtc.so.13, libcudart.so.13"

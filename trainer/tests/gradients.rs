@@ -153,3 +153,76 @@ fn trainable_parameters_match_the_formula() {
         assert!(TrainModel::load(files.clone(), bad, &Device::Cpu, DType::F32).is_err());
     }
 }
+
+/// `--dtype bf16` (meant for CUDA) on the CPU: the frozen weights are bf16,
+/// the trained tensors stay f32 masters, every one gets a gradient close to
+/// the f32 model's, and a merge-ready update is f32.
+#[test]
+fn bf16_frozen_weights_train_f32_masters() {
+    let files = capivara::model::weights::resolve(tiny().to_str().unwrap()).unwrap();
+    let spec = TrainSpec {
+        learn_logit_scale: true,
+        ..Default::default()
+    };
+    let f32m = TrainModel::load(files.clone(), spec.clone(), &Device::Cpu, DType::F32).unwrap();
+    let bf16m = TrainModel::load(files, spec, &Device::Cpu, DType::BF16).unwrap();
+    // Same starting point: B non-zero (so A gets a gradient), A copied over.
+    let theirs: std::collections::HashMap<String, candle_core::Var> =
+        bf16m.vars().into_iter().collect();
+    for (name, var) in f32m.vars() {
+        assert_eq!(theirs[&name].dtype(), DType::F32, "{name} is an f32 master");
+        if name.contains("lora_B") {
+            let v = Tensor::randn(0f32, 0.05, var.shape(), &Device::Cpu).unwrap();
+            var.set(&v).unwrap();
+        }
+        theirs[&name].set(&var.as_tensor().copy().unwrap()).unwrap();
+    }
+    let captions: Vec<String> = CAPTIONS.iter().map(|s| s.to_string()).collect();
+    let images = capivara::model::layers::l2_normalize(
+        &Tensor::randn(
+            0f32,
+            1.0,
+            (captions.len(), f32m.clip.embed_dim()),
+            &Device::Cpu,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let a = grad_cache(&f32m, &captions, &images, 4, 5).unwrap();
+    let b = grad_cache(&bf16m, &captions, &images, 4, 5).unwrap();
+    assert!(
+        (a.loss - b.loss).abs() < 0.05 * a.loss.abs(),
+        "{} vs {}",
+        a.loss,
+        b.loss
+    );
+    for (name, ga) in &a.grads {
+        let gb = &b.grads[name];
+        assert_eq!(gb.dtype(), DType::F32);
+        let cos = (ga * gb)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            / (ga
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt()
+                * gb.sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    .sqrt());
+        assert!(
+            cos > 0.98,
+            "{name}: cosine {cos} between the bf16 and f32 gradients"
+        );
+    }
+}
