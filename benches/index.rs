@@ -29,7 +29,8 @@ fn vectors(n: usize, seed: u64) -> Vec<Vec<f32>> {
                 let w: f32 = rng.random_range(-1.0..1.0);
                 v.iter_mut().zip(b).for_each(|(x, y)| *x += w * y);
             }
-            v.iter_mut().for_each(|x| *x += rng.random_range(-0.05f32..0.05));
+            v.iter_mut()
+                .for_each(|x| *x += rng.random_range(-0.05f32..0.05));
             let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
             v.into_iter().map(|x| x / n).collect()
         })

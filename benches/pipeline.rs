@@ -25,7 +25,11 @@ fn photo(w: u32, h: u32) -> image::RgbImage {
         state ^= state << 17;
         let n = (state & 15) as u8;
         let v = ((x * 255 / w.max(1)) as u8).wrapping_add(n);
-        image::Rgb([v, ((y * 255 / h.max(1)) as u8) ^ n, ((x / 16 + y / 16) % 2 * 200) as u8])
+        image::Rgb([
+            v,
+            ((y * 255 / h.max(1)) as u8) ^ n,
+            ((x / 16 + y / 16) % 2 * 200) as u8,
+        ])
     })
 }
 
@@ -54,12 +58,20 @@ fn preprocess(c: &mut Criterion) {
     });
     let mut g = c.benchmark_group("preprocess");
     g.throughput(Throughput::Elements(1));
-    for (w, h) in [(320, 240), (640, 480), (1280, 960), (1920, 1080), (4000, 3000)] {
+    for (w, h) in [
+        (320, 240),
+        (640, 480),
+        (1280, 960),
+        (1920, 1080),
+        (4000, 3000),
+    ] {
         let img = photo(w, h);
         for (fmt, bytes) in [("jpeg", jpeg(&img)), ("png", png(&img))] {
-            g.bench_with_input(BenchmarkId::new(fmt, format!("{w}x{h}")), &bytes, |b, bytes| {
-                b.iter(|| p.preprocess(black_box(bytes)).expect("decodes"))
-            });
+            g.bench_with_input(
+                BenchmarkId::new(fmt, format!("{w}x{h}")),
+                &bytes,
+                |b, bytes| b.iter(|| p.preprocess(black_box(bytes)).expect("decodes")),
+            );
         }
     }
     g.finish();

@@ -10,6 +10,7 @@
 
 pub mod bench;
 pub mod error;
+pub mod kernels;
 pub mod model;
 pub mod pipeline;
 pub mod preprocess;

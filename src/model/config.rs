@@ -404,7 +404,8 @@ impl XlmRobertaConfig {
                 ));
             }
         }
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
             return Err(Error::config(
                 origin,
                 format!(

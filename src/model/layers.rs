@@ -3,8 +3,12 @@
 //! fused layer-norm and last-dim softmax record no backward op, so the trainer
 //! builds its graph with [`Kernels::Differentiable`].
 
+use std::sync::Arc;
+
 use candle_core::{DType, Layout, Module, Result, Shape, Tensor, D};
 use candle_nn::VarBuilder;
+
+use crate::kernels::sgemm::{self, Epilogue, PackedMatrix};
 
 /// Which implementation of layer norm and softmax a tower uses.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -18,15 +22,29 @@ pub enum Kernels {
 
 /// `y = x W^T + b` with the weight stored `(out, in)` as PyTorch does.
 /// Inputs of any rank are flattened to 2-D so that one GEMM does the work.
+///
+/// For CPU f32 inference the weight can be [packed](Self::pack_for_cpu) once
+/// for [`crate::kernels::sgemm`]; the plain copy is then dropped.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    /// `None` once packed.
+    weight: Option<Tensor>,
     bias: Option<Tensor>,
+    packed: Option<Arc<PackedMatrix>>,
+    in_dim: usize,
+    out_dim: usize,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        let (out_dim, in_dim) = weight.dims2().unwrap_or((0, 0));
+        Self {
+            weight: Some(weight),
+            bias,
+            packed: None,
+            in_dim,
+            out_dim,
+        }
     }
 
     /// Loads `weight` (and `bias` if `bias`) under `vb`.
@@ -37,11 +55,12 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self::new(weight, bias))
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The `(out, in)` weight; `None` once packed for the CPU kernels.
+    pub fn weight(&self) -> Option<&Tensor> {
+        self.weight.as_ref()
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
@@ -49,23 +68,123 @@ impl Linear {
     }
 
     pub fn out_dim(&self) -> usize {
-        self.weight.dim(0).unwrap_or(0)
+        self.out_dim
     }
 
     pub fn in_dim(&self) -> usize {
-        self.weight.dim(1).unwrap_or(0)
+        self.in_dim
+    }
+
+    pub fn is_packed(&self) -> bool {
+        self.packed.is_some()
+    }
+
+    /// Packs an f32 CPU weight for the CPU kernels when this CPU has them
+    /// (and drops the plain copy). Inference only: a packed linear refuses
+    /// inputs that carry a graph.
+    pub fn pack_for_cpu(&mut self) -> Result<()> {
+        let (Some(isa), Some(w)) = (crate::kernels::isa(), &self.weight) else {
+            return Ok(());
+        };
+        if !w.device().is_cpu() || w.dtype() != DType::F32 || w.track_op() {
+            return Ok(());
+        }
+        let data: Vec<f32> = w.flatten_all()?.to_vec1()?;
+        let bias: Option<Vec<f32>> = match &self.bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1()?),
+            None => None,
+        };
+        let packed = PackedMatrix::pack(&data, self.out_dim, self.in_dim, bias.as_deref(), isa);
+        self.packed = Some(Arc::new(packed));
+        self.weight = None;
+        Ok(())
+    }
+
+    fn packed_forward(
+        &self,
+        p: &Arc<PackedMatrix>,
+        x: &Tensor,
+        epilogue: Epilogue,
+    ) -> Result<Tensor> {
+        if x.track_op() || !x.device().is_cpu() || x.dtype() != DType::F32 {
+            candle_core::bail!(
+                "a linear packed for CPU f32 inference got a {:?} input on {:?}{}",
+                x.dtype(),
+                x.device(),
+                if x.track_op() { " with a graph" } else { "" }
+            );
+        }
+        let dims = x.dims().to_vec();
+        let rows = x.elem_count() / self.in_dim.max(1);
+        let x2 = x.reshape((rows, self.in_dim))?.contiguous()?;
+        let y = x2.apply_op1_no_bwd(&PackedOp {
+            w: p.clone(),
+            epilogue,
+        })?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("rank >= 1") = self.out_dim;
+        y.reshape(out_dims)
+    }
+
+    /// `gelu(x W^T + b)`, fused into the product when packed.
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.packed {
+            Some(p) => self.packed_forward(p, x, Epilogue::Gelu),
+            None => Activation::Gelu.forward(&self.forward(x)?),
+        }
+    }
+}
+
+/// The packed product as a candle op (forward only).
+struct PackedOp {
+    w: Arc<PackedMatrix>,
+    epilogue: Epilogue,
+}
+
+impl candle_core::CustomOp1 for PackedOp {
+    fn name(&self) -> &'static str {
+        "packed-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        let (m, k) = l.shape().dims2()?;
+        let (Some((start, end)), candle_core::CpuStorage::F32(data)) = (l.contiguous_offsets(), s)
+        else {
+            candle_core::bail!("packed linear: the input must be contiguous f32");
+        };
+        if k != self.w.k {
+            candle_core::bail!(
+                "packed linear: {k} input features, the weight has {}",
+                self.w.k
+            );
+        }
+        let mut out = vec![0f32; m * self.w.n];
+        sgemm::matmul(&data[start..end], m, &self.w, self.epilogue, &mut out);
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            Shape::from((m, self.w.n)),
+        ))
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let weight = match (&self.packed, &self.weight) {
+            (Some(p), _) => return self.packed_forward(p, x, Epilogue::None),
+            (None, Some(w)) => w,
+            (None, None) => candle_core::bail!("linear without a weight"),
+        };
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().expect("linear input has a last dimension");
         let rows = x.elem_count() / in_dim.max(1);
         let x2 = x.reshape((rows, in_dim))?;
         // A trainer may keep f32 master weights under a bf16/f16 model: the
         // cast is part of the graph, so gradients reach the f32 variable.
-        let w = cast_to(&self.weight, x.dtype())?;
+        let w = cast_to(weight, x.dtype())?;
         let y = if x2.track_op() && !w.track_op() {
             // Training through a frozen weight: only the input's gradient.
             x2.apply_op2(&w, FrozenMatmul)?
@@ -77,7 +196,7 @@ impl Module for Linear {
             None => y,
         };
         let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
+        *out_dims.last_mut().unwrap() = self.out_dim;
         y.reshape(out_dims)
     }
 }
@@ -167,6 +286,13 @@ impl LayerNorm {
             eps,
             kernels,
         })
+    }
+}
+
+impl LayerNorm {
+    /// The dtype of its parameters (the tower's).
+    pub fn dtype(&self) -> DType {
+        self.weight.dtype()
     }
 }
 

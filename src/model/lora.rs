@@ -199,6 +199,14 @@ impl AdaptedLinear {
         &self.base
     }
 
+    /// Packs the base weight for the CPU kernels (inference, no adapter).
+    pub fn pack_for_cpu(&mut self) -> Result<()> {
+        if self.adapter.is_none() {
+            self.base.pack_for_cpu()?;
+        }
+        Ok(())
+    }
+
     pub fn adapter(&self) -> Option<&LoraAdapter> {
         self.adapter.as_ref()
     }
@@ -216,7 +224,11 @@ impl AdaptedLinear {
             Some(ad) => {
                 let f32 = candle_core::DType::F32;
                 let delta = (cast_to(&ad.b, f32)?.matmul(&cast_to(&ad.a, f32)?)? * ad.scale)?;
-                let w = self.base.weight();
+                let w = self.base.weight().ok_or_else(|| {
+                    candle_core::Error::Msg(
+                        "cannot merge into a linear packed for inference".into(),
+                    )
+                })?;
                 let merged = (cast_to(w, f32)? + delta)?.to_dtype(w.dtype())?;
                 Ok(Linear::new(merged, self.base.bias().cloned()))
             }

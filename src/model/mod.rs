@@ -42,9 +42,18 @@ impl Clip {
         text_cfg: &XlmRobertaConfig,
         text_opts: TextOptions,
     ) -> candle_core::Result<Self> {
-        let vision =
+        let mut vision =
             VisionTransformer::load(vb.pp("visual"), &cfg.vision, cfg.embed_dim, Kernels::Fused)?;
-        let text = TextTower::load(vb.pp("text"), &cfg.text, text_cfg, cfg.embed_dim, text_opts)?;
+        let text_inference = text_opts.kernels == Kernels::Fused && text_opts.lora.is_none();
+        let mut text =
+            TextTower::load(vb.pp("text"), &cfg.text, text_cfg, cfg.embed_dim, text_opts)?;
+        // CPU f32 inference: weights packed once for the CPU kernels.
+        if vb.device().is_cpu() && vb.dtype() == DType::F32 {
+            vision.pack_for_cpu()?;
+            if text_inference {
+                text.pack_for_cpu()?;
+            }
+        }
         let logit_scale = vb.get((), "logit_scale")?;
         Ok(Self {
             vision,

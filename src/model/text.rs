@@ -8,7 +8,7 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 
 use super::config::{TextConfig, TextPooler, TextProj, XlmRobertaConfig};
-use super::layers::{softmax_last, Activation, Kernels, LayerNorm, Linear};
+use super::layers::{softmax_last, Kernels, LayerNorm, Linear};
 use super::lora::{AdaptedLinear, LoraBuilder};
 
 struct Embeddings {
@@ -111,8 +111,18 @@ impl EncoderLayer {
         let att = softmax_last(&att, self.kernels)?;
         let ctx = att.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
         let x = self.attn_ln.forward(&(self.attn_out.forward(&ctx)? + x)?)?;
-        let y = Activation::Gelu.forward(&self.intermediate.forward(&x)?)?;
+        let y = self.intermediate.forward_gelu(&x)?;
         self.out_ln.forward(&(self.output.forward(&y)? + x)?)
+    }
+
+    fn pack_for_cpu(&mut self) -> Result<()> {
+        for l in [&mut self.query, &mut self.key, &mut self.value] {
+            l.pack_for_cpu()?;
+        }
+        for l in [&mut self.attn_out, &mut self.intermediate, &mut self.output] {
+            l.pack_for_cpu()?;
+        }
+        Ok(())
     }
 
     fn adapted_mut(&mut self) -> [&mut AdaptedLinear; 3] {
@@ -231,7 +241,7 @@ impl TextTower {
             TextPooler::Cls => x.narrow(1, 0, 1)?.squeeze(1)?,
         };
         match &self.proj {
-            Projection::Mlp(a, b) => b.forward(&Activation::Gelu.forward(&a.forward(&pooled)?)?),
+            Projection::Mlp(a, b) => b.forward(&a.forward_gelu(&pooled)?),
             Projection::Linear(p) => p.forward(&pooled),
             Projection::None => Ok(pooled),
         }
@@ -247,6 +257,22 @@ impl TextTower {
             }
         }
         out
+    }
+
+    /// Packs every linear for the CPU kernels (f32 CPU inference; layers
+    /// with LoRA adapters stay as they are).
+    pub fn pack_for_cpu(&mut self) -> Result<()> {
+        for l in &mut self.layers {
+            l.pack_for_cpu()?;
+        }
+        match &mut self.proj {
+            Projection::Mlp(a, b) => {
+                a.pack_for_cpu()?;
+                b.pack_for_cpu()
+            }
+            Projection::Linear(p) => p.pack_for_cpu(),
+            Projection::None => Ok(()),
+        }
     }
 
     /// Turns the adapters' dropout on (training) or off.

@@ -101,22 +101,39 @@ impl ResidualBlock {
         };
         let y = self.attn.forward(&self.ln_1.forward(x)?)?;
         let x = (x + scale(y, &self.ls_1)?)?;
-        let y = self.c_fc.forward(&self.ln_2.forward(&x)?)?;
-        let y = self.c_proj.forward(&self.act.forward(&y)?)?;
+        let h = self.ln_2.forward(&x)?;
+        let y = match self.act {
+            Activation::Gelu => self.c_fc.forward_gelu(&h)?,
+            act => act.forward(&self.c_fc.forward(&h)?)?,
+        };
+        let y = self.c_proj.forward(&y)?;
         x + scale(y, &self.ls_2)?
+    }
+
+    fn pack_for_cpu(&mut self) -> Result<()> {
+        for l in [
+            &mut self.attn.in_proj,
+            &mut self.attn.out_proj,
+            &mut self.c_fc,
+            &mut self.c_proj,
+        ] {
+            l.pack_for_cpu()?;
+        }
+        Ok(())
     }
 }
 
 /// The image tower.
 #[derive(Debug, Clone)]
 pub struct VisionTransformer {
-    patch_weight: Tensor, // (width, 3*p*p): conv1 as a matrix
+    patch_embed: Linear, // conv1 as a matrix: (width, 3*p*p), no bias
     class_embedding: Tensor,
     positional_embedding: Tensor,
     ln_pre: Option<LayerNorm>,
     blocks: Vec<ResidualBlock>,
     ln_post: LayerNorm,
-    proj: Tensor,
+    /// `pooled @ proj` as a linear: open_clip's `(width, embed)` transposed.
+    proj: Linear,
     cfg: VisionConfig,
 }
 
@@ -130,13 +147,13 @@ impl VisionTransformer {
     ) -> Result<Self> {
         let (w, p) = (cfg.width, cfg.patch_size);
         let conv = vb.pp("conv1").get((w, 3, p, p), "weight")?;
-        let patch_weight = conv.reshape((w, 3 * p * p))?;
+        let patch_embed = Linear::new(conv.reshape((w, 3 * p * p))?, None);
         let n = cfg.grid() * cfg.grid() + 1;
         let blocks = (0..cfg.layers)
             .map(|i| ResidualBlock::load(vb.pp("transformer.resblocks").pp(i), cfg, kernels))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            patch_weight,
+            patch_embed,
             class_embedding: vb.get(w, "class_embedding")?,
             positional_embedding: vb.get((n, w), "positional_embedding")?,
             ln_pre: if cfg.ln_pre {
@@ -146,7 +163,7 @@ impl VisionTransformer {
             },
             blocks,
             ln_post: LayerNorm::load(vb.pp("ln_post"), w, LN_EPS, kernels)?,
-            proj: vb.get((w, embed_dim), "proj")?,
+            proj: Linear::new(vb.get((w, embed_dim), "proj")?.t()?.contiguous()?, None),
             cfg: cfg.clone(),
         })
     }
@@ -170,14 +187,16 @@ impl VisionTransformer {
         let g = s / p;
         let width = self.cfg.width;
         // A stride-p, kernel-p convolution is a matmul over non-overlapping patches.
+        let dtype = self.ln_post.dtype();
         let patches = pixels
-            .to_dtype(self.patch_weight.dtype())?
+            .to_dtype(dtype)?
             .reshape((b, 3, g, p, g, p))?
             .permute((0, 2, 4, 1, 3, 5))? // (b, gy, gx, c, py, px)
             .contiguous()?
             .reshape((b * g * g, 3 * p * p))?;
-        let x = patches
-            .matmul(&self.patch_weight.t()?)?
+        let x = self
+            .patch_embed
+            .forward(&patches)?
             .reshape((b, g * g, width))?;
         let cls = self
             .class_embedding
@@ -198,7 +217,16 @@ impl VisionTransformer {
             let x = self.ln_post.forward(&x)?;
             self.pool(&x)?
         };
-        pooled.matmul(&self.proj)
+        self.proj.forward(&pooled)
+    }
+
+    /// Packs every linear for the CPU kernels (f32 CPU inference).
+    pub fn pack_for_cpu(&mut self) -> Result<()> {
+        self.patch_embed.pack_for_cpu()?;
+        for b in &mut self.blocks {
+            b.pack_for_cpu()?;
+        }
+        self.proj.pack_for_cpu()
     }
 
     fn pool(&self, x: &Tensor) -> Result<Tensor> {
