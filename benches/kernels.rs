@@ -44,6 +44,21 @@ fn gemm(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new(format!("packed-{isa:?}"), name), |b| {
             b.iter(|| matmul(black_box(&av), m, &packed, Epilogue::None, &mut out))
         });
+        if capivara::kernels::qgemm::available() {
+            let wv: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+            let q = capivara::kernels::qgemm::QPackedMatrix::pack(&wv, n, k, None);
+            g.bench_function(BenchmarkId::new("int8-vnni", name), |b| {
+                b.iter(|| {
+                    capivara::kernels::qgemm::matmul(
+                        black_box(&av),
+                        m,
+                        &q,
+                        Epilogue::None,
+                        &mut out,
+                    )
+                })
+            });
+        }
     }
     g.finish();
 }

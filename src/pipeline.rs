@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
 use crate::model::weights::{self, ModelFiles};
-use crate::model::Clip;
+use crate::model::{Clip, Quantization};
 use crate::preprocess::Preprocessor;
 use crate::tokenizer::TextTokenizer;
 
@@ -20,8 +20,20 @@ pub struct Pipeline {
 impl Pipeline {
     /// Resolves `model` (directory or hub repo id) and loads it.
     pub fn load(model: &str, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_with(model, device, dtype, Quantization::None)
+    }
+
+    /// [`load`](Self::load) with a quantization of the linear layers.
+    pub fn load_with(
+        model: &str,
+        device: &Device,
+        dtype: DType,
+        quantization: Quantization,
+    ) -> Result<Self> {
         let files = weights::resolve(model)?;
-        Self::from_files(files, device, dtype)
+        let mut p = Self::from_files(files, device, dtype)?;
+        p.clip.quantize(quantization)?;
+        Ok(p)
     }
 
     /// Loads already-resolved files.

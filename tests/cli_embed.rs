@@ -376,3 +376,82 @@ fn bench_times_each_tower_and_batch() {
         );
     }
 }
+
+#[test]
+fn int8_quantization_stays_close_to_f32_or_is_refused_clearly() {
+    let r = reference();
+    let run = |extra: &[&str]| {
+        let mut cmd = capivara();
+        cmd.args(["embed", "--model"]).arg(tiny_dir());
+        for t in &r.texts {
+            cmd.arg("--text").arg(t);
+        }
+        for i in &r.images[..4] {
+            cmd.arg("--image").arg(fixtures().join("images").join(i));
+        }
+        cmd.args(extra).output().unwrap()
+    };
+    let out = run(&["--quantize", "int8"]);
+    if !capivara::kernels::qgemm::available() {
+        assert_one_line_error(&out, "AVX-512 VNNI");
+        return;
+    }
+    let q = json(&out);
+    let f = json(&run(&["--quantize", "none"]));
+    let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    for kind in ["texts", "images"] {
+        let (a, b) = (matrix(&f[kind]), matrix(&q[kind]));
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            let c = cos(x, y);
+            assert!(c >= 0.99, "{kind}: cosine {c} between int8 and f32");
+            assert!(
+                c < 0.999_999_9,
+                "{kind}: int8 gave the f32 result (not quantized?)"
+            );
+        }
+    }
+    // And f32 still matches open_clip.
+    let texts = matrix(&f["texts"]);
+    for (got, want) in texts.iter().zip(&r.text_embeddings) {
+        for (a, b) in got.iter().zip(want) {
+            assert!((a - b).abs() < 1e-4);
+        }
+    }
+    let out = capivara()
+        .args(["bench", "--model"])
+        .arg(tiny_dir())
+        .args([
+            "--quantize",
+            "int8",
+            "--batch",
+            "2",
+            "--seconds",
+            "0",
+            "--iters",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(json(&out)["quantize"], "int8");
+}
+
+#[test]
+fn quantization_flag_errors() {
+    for (args, needle) in [
+        (vec!["--quantize", "int4"], "unknown quantization `int4`"),
+        (
+            vec!["--quantize", "int8", "--dtype", "f16"],
+            "--quantize int8",
+        ),
+    ] {
+        let out = capivara()
+            .args(["embed", "--model"])
+            .arg(tiny_dir())
+            .args(["--text", "gato"])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_one_line_error(&out, needle);
+    }
+}

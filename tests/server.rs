@@ -685,6 +685,54 @@ fn flags_and_env_vars_configure_the_process() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/templates.txt"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_capivara"))
+        .args(["serve", "--model"])
+        .arg(tiny_dir())
+        .args(["--quantize", "int4", "--addr", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown quantization"));
+}
+
+/// `CAPIVARA_QUANTIZE=int8` serves int8 embeddings (close to f32, not equal),
+/// or, on a CPU without AVX-512 VNNI, the server refuses to start, clearly.
+#[test]
+fn int8_serving_from_the_env_var() {
+    if !capivara::kernels::qgemm::available() {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_capivara"))
+            .args(["serve", "--model"])
+            .arg(tiny_dir())
+            .args(["--addr", "127.0.0.1:0"])
+            .env("CAPIVARA_QUANTIZE", "int8")
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("AVX-512 VNNI"));
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let child = ChildServer::spawn_env(
+        &dir.path().join("data"),
+        &[],
+        &[("CAPIVARA_QUANTIZE", "int8")],
+    );
+    let texts = ["uma capivara na beira do rio", "um gato"];
+    let r = child
+        .http
+        .post_json("/embed/text", &json!({ "texts": texts }));
+    assert_eq!(r.status, 200, "{}", r.text);
+    let got: Vec<Vec<f32>> = serde_json::from_value(r.json()["embeddings"].clone()).unwrap();
+    let want = pipeline()
+        .embed_texts(&texts)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    for (g, w) in got.iter().zip(&want) {
+        let c: f32 = g.iter().zip(w).map(|(a, b)| a * b).sum();
+        assert!((0.99..0.999_999_9).contains(&c), "cosine {c}");
+    }
 }
 
 #[test]

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use candle_core::{DType, Layout, Module, Result, Shape, Tensor, D};
 use candle_nn::VarBuilder;
 
+use crate::kernels::qgemm::{self, QPackedMatrix};
 use crate::kernels::sgemm::{self, Epilogue, PackedMatrix};
 
 /// Which implementation of layer norm and softmax a tower uses.
@@ -30,9 +31,16 @@ pub struct Linear {
     /// `None` once packed.
     weight: Option<Tensor>,
     bias: Option<Tensor>,
-    packed: Option<Arc<PackedMatrix>>,
+    packed: Option<Packed>,
     in_dim: usize,
     out_dim: usize,
+}
+
+/// A weight prepared for the CPU kernels.
+#[derive(Debug, Clone)]
+enum Packed {
+    F32(Arc<PackedMatrix>),
+    Int8(Arc<QPackedMatrix>),
 }
 
 impl Linear {
@@ -79,6 +87,44 @@ impl Linear {
         self.packed.is_some()
     }
 
+    /// Whether the weight is int8 (see [`Self::quantize_int8`]).
+    pub fn is_int8(&self) -> bool {
+        matches!(self.packed, Some(Packed::Int8(_)))
+    }
+
+    /// The weight as f32 `(out, in)` values, from wherever it lives.
+    fn weight_values(&self) -> Result<Vec<f32>> {
+        match (&self.weight, &self.packed) {
+            (Some(w), _) => w.to_dtype(DType::F32)?.flatten_all()?.to_vec1(),
+            (None, Some(Packed::F32(p))) => Ok(p.unpack()),
+            (None, Some(Packed::Int8(q))) => Ok(q.dequantized()),
+            (None, None) => candle_core::bail!("linear without a weight"),
+        }
+    }
+
+    /// Quantizes the weight to int8 (per output channel) for the int8 CPU
+    /// kernels; inputs are then quantized per row at run time. Needs a CPU
+    /// with AVX-512 VNNI and an f32 CPU model.
+    pub fn quantize_int8(&mut self) -> Result<()> {
+        if !qgemm::available() {
+            candle_core::bail!("int8 inference needs a CPU with AVX-512 VNNI");
+        }
+        if let Some(w) = &self.weight {
+            if !w.device().is_cpu() || w.dtype() != DType::F32 {
+                candle_core::bail!("int8 inference needs the f32 model on the CPU");
+            }
+        }
+        let data = self.weight_values()?;
+        let bias: Option<Vec<f32>> = match &self.bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1()?),
+            None => None,
+        };
+        let q = QPackedMatrix::pack(&data, self.out_dim, self.in_dim, bias.as_deref());
+        self.packed = Some(Packed::Int8(Arc::new(q)));
+        self.weight = None;
+        Ok(())
+    }
+
     /// Packs an f32 CPU weight for the CPU kernels when this CPU has them
     /// (and drops the plain copy). Inference only: a packed linear refuses
     /// inputs that carry a graph.
@@ -95,17 +141,12 @@ impl Linear {
             None => None,
         };
         let packed = PackedMatrix::pack(&data, self.out_dim, self.in_dim, bias.as_deref(), isa);
-        self.packed = Some(Arc::new(packed));
+        self.packed = Some(Packed::F32(Arc::new(packed)));
         self.weight = None;
         Ok(())
     }
 
-    fn packed_forward(
-        &self,
-        p: &Arc<PackedMatrix>,
-        x: &Tensor,
-        epilogue: Epilogue,
-    ) -> Result<Tensor> {
+    fn packed_forward(&self, p: &Packed, x: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
         if x.track_op() || !x.device().is_cpu() || x.dtype() != DType::F32 {
             candle_core::bail!(
                 "a linear packed for CPU f32 inference got a {:?} input on {:?}{}",
@@ -137,7 +178,7 @@ impl Linear {
 
 /// The packed product as a candle op (forward only).
 struct PackedOp {
-    w: Arc<PackedMatrix>,
+    w: Packed,
     epilogue: Epilogue,
 }
 
@@ -156,18 +197,20 @@ impl candle_core::CustomOp1 for PackedOp {
         else {
             candle_core::bail!("packed linear: the input must be contiguous f32");
         };
-        if k != self.w.k {
-            candle_core::bail!(
-                "packed linear: {k} input features, the weight has {}",
-                self.w.k
-            );
+        let (wk, n) = match &self.w {
+            Packed::F32(p) => (p.k, p.n),
+            Packed::Int8(q) => (q.k, q.n),
+        };
+        if k != wk {
+            candle_core::bail!("packed linear: {k} input features, the weight has {wk}");
         }
-        let mut out = vec![0f32; m * self.w.n];
-        sgemm::matmul(&data[start..end], m, &self.w, self.epilogue, &mut out);
-        Ok((
-            candle_core::CpuStorage::F32(out),
-            Shape::from((m, self.w.n)),
-        ))
+        let mut out = vec![0f32; m * n];
+        let a = &data[start..end];
+        match &self.w {
+            Packed::F32(p) => sgemm::matmul(a, m, p, self.epilogue, &mut out),
+            Packed::Int8(q) => qgemm::matmul(a, m, q, self.epilogue, &mut out),
+        }
+        Ok((candle_core::CpuStorage::F32(out), Shape::from((m, n))))
     }
 }
 

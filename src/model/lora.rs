@@ -207,6 +207,14 @@ impl AdaptedLinear {
         Ok(())
     }
 
+    /// int8 base weight (inference; merge adapters first).
+    pub fn quantize_int8(&mut self) -> Result<()> {
+        if self.adapter.is_some() {
+            candle_core::bail!("merge the LoRA adapters before quantizing");
+        }
+        self.base.quantize_int8()
+    }
+
     pub fn adapter(&self) -> Option<&LoraAdapter> {
         self.adapter.as_ref()
     }

@@ -23,6 +23,32 @@ pub use weights::{Checkpoint, ModelFiles};
 
 use crate::error::{Error, Result};
 
+/// How the CPU runs the linear layers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Quantization {
+    /// f32 weights (packed for the CPU kernels).
+    #[default]
+    None,
+    /// int8 weights per output channel, activations quantized per row at run
+    /// time (AVX-512 VNNI): ~2-4x the f32 matmul rate, embeddings within
+    /// cosine 0.99 of f32.
+    Int8,
+}
+
+impl std::str::FromStr for Quantization {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" | "f32" => Ok(Self::None),
+            "int8" => Ok(Self::Int8),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown quantization `{s}` (none, int8)"
+            ))),
+        }
+    }
+}
+
 /// The two towers and the logit scale.
 pub struct Clip {
     pub vision: VisionTransformer,
@@ -92,6 +118,27 @@ impl Clip {
         &self.device
     }
 
+    /// Switches both encoders to int8 weights (f32 CPU models on a CPU with
+    /// AVX-512 VNNI; a clear error otherwise).
+    pub fn quantize(&mut self, q: Quantization) -> Result<()> {
+        if q == Quantization::None {
+            return Ok(());
+        }
+        if !self.device.is_cpu() || self.dtype != DType::F32 {
+            return Err(Error::InvalidArgument(
+                "--quantize int8 runs on the CPU with --dtype f32".into(),
+            ));
+        }
+        if !crate::kernels::qgemm::available() {
+            return Err(Error::InvalidArgument(
+                "--quantize int8 needs a CPU with AVX-512 VNNI (use f32 here)".into(),
+            ));
+        }
+        self.vision.quantize_int8()?;
+        self.text.quantize_int8()?;
+        Ok(())
+    }
+
     pub fn dtype(&self) -> DType {
         self.dtype
     }
@@ -103,17 +150,22 @@ impl Clip {
     /// L2-normalised image embeddings `(batch, embed_dim)` in f32 from
     /// preprocessed pixels `(batch, 3, size, size)`.
     pub fn encode_image(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
-        let x = pixels.to_device(&self.device)?.to_dtype(self.dtype)?;
-        let f = self.vision.forward(&x)?.to_dtype(DType::F32)?;
-        layers::l2_normalize(&f)
+        let rows = pixels.dim(0).unwrap_or(1) * (self.config.vision.grid().pow(2) + 1);
+        crate::kernels::run(rows, || {
+            let x = pixels.to_device(&self.device)?.to_dtype(self.dtype)?;
+            let f = self.vision.forward(&x)?.to_dtype(DType::F32)?;
+            layers::l2_normalize(&f)
+        })
     }
 
     /// L2-normalised text embeddings `(batch, embed_dim)` in f32 from token ids
     /// `(batch, len)` padded with the pad token.
     pub fn encode_text(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
-        let ids = ids.to_device(&self.device)?;
-        let f = self.text.forward(&ids)?.to_dtype(DType::F32)?;
-        layers::l2_normalize(&f)
+        crate::kernels::run(ids.elem_count(), || {
+            let ids = ids.to_device(&self.device)?;
+            let f = self.text.forward(&ids)?.to_dtype(DType::F32)?;
+            layers::l2_normalize(&f)
+        })
     }
 
     /// `exp(logit_scale)`.

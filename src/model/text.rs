@@ -125,6 +125,16 @@ impl EncoderLayer {
         Ok(())
     }
 
+    fn quantize_int8(&mut self) -> Result<()> {
+        for l in [&mut self.query, &mut self.key, &mut self.value] {
+            l.quantize_int8()?;
+        }
+        for l in [&mut self.attn_out, &mut self.intermediate, &mut self.output] {
+            l.quantize_int8()?;
+        }
+        Ok(())
+    }
+
     fn adapted_mut(&mut self) -> [&mut AdaptedLinear; 3] {
         [&mut self.query, &mut self.key, &mut self.value]
     }
@@ -273,6 +283,15 @@ impl TextTower {
             Projection::Linear(p) => p.pack_for_cpu(),
             Projection::None => Ok(()),
         }
+    }
+
+    /// int8 weights for every encoder layer (the projection, under 1% of
+    /// the work, stays f32).
+    pub fn quantize_int8(&mut self) -> Result<()> {
+        for l in &mut self.layers {
+            l.quantize_int8()?;
+        }
+        Ok(())
     }
 
     /// Turns the adapters' dropout on (training) or off.

@@ -110,14 +110,25 @@ impl ResidualBlock {
         x + scale(y, &self.ls_2)?
     }
 
-    fn pack_for_cpu(&mut self) -> Result<()> {
-        for l in [
+    fn linears(&mut self) -> [&mut Linear; 4] {
+        [
             &mut self.attn.in_proj,
             &mut self.attn.out_proj,
             &mut self.c_fc,
             &mut self.c_proj,
-        ] {
+        ]
+    }
+
+    fn pack_for_cpu(&mut self) -> Result<()> {
+        for l in self.linears() {
             l.pack_for_cpu()?;
+        }
+        Ok(())
+    }
+
+    fn quantize_int8(&mut self) -> Result<()> {
+        for l in self.linears() {
+            l.quantize_int8()?;
         }
         Ok(())
     }
@@ -218,6 +229,16 @@ impl VisionTransformer {
             self.pool(&x)?
         };
         self.proj.forward(&pooled)
+    }
+
+    /// int8 weights for the patch embedding and every block (the output
+    /// projection, 1% of the work, stays f32).
+    pub fn quantize_int8(&mut self) -> Result<()> {
+        self.patch_embed.quantize_int8()?;
+        for b in &mut self.blocks {
+            b.quantize_int8()?;
+        }
+        Ok(())
     }
 
     /// Packs every linear for the CPU kernels (f32 CPU inference).

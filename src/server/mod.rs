@@ -73,6 +73,7 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub device: Device,
     pub dtype: DType,
+    pub quantization: crate::model::Quantization,
     pub engine: EngineConfig,
     pub limits: Limits,
     pub api_key: Option<String>,
@@ -89,6 +90,7 @@ impl ServeConfig {
             data_dir: data_dir.into(),
             device: Device::Cpu,
             dtype: DType::F32,
+            quantization: crate::model::Quantization::None,
             engine: EngineConfig::default(),
             limits: Limits::default(),
             api_key: None,
@@ -124,7 +126,8 @@ impl AppState {
     pub fn load(&self) -> anyhow::Result<()> {
         let cfg = &self.config;
         tracing::info!(model = %cfg.model, "loading the model");
-        let mut pipeline = Pipeline::load(&cfg.model, &cfg.device, cfg.dtype)?;
+        let mut pipeline =
+            Pipeline::load_with(&cfg.model, &cfg.device, cfg.dtype, cfg.quantization)?;
         pipeline.preprocessor = pipeline
             .preprocessor
             .clone()
