@@ -458,6 +458,12 @@ def agreement(a, model, preprocess, tokens: Tokens, workdir: Path, image_size: i
         if d == "f32":
             out["max_abs_diff"] = max(t_diff, i_diff)
             out["ok"] = out["max_abs_diff"] <= AGREEMENT_TOL
+    if getattr(a, "int8", False):
+        got = run_capivara(a.capivara, *args, "--dtype", "f32", "--quantize", "int8")
+        t_diff, t_cos = compare(got["texts"], ref_txt)
+        i_diff, i_cos = compare(got["images"], ref_img)
+        out["capivara_int8"] = {"text_max_abs_diff": t_diff, "text_min_cos": t_cos,
+                                "image_max_abs_diff": i_diff, "image_min_cos": i_cos}
     # for context: what PyTorch's own half-precision models give vs fp32
     for d in dtypes:
         if d != "f32":
@@ -611,13 +617,15 @@ def fmt_pct(x):
     return f"{x:.1f}%" if x >= 1 else f"{x:.2f}%"
 
 
-def markdown_table(rows, show_dtype: bool, with_onnx: bool):
+def markdown_table(rows, show_dtype: bool, with_onnx: bool, with_int8: bool = False):
     """rows: tower, batch; columns as in the module docstring. `dtype` only when several / not f32."""
     one = "" if show_dtype else " fp32"
     head = ["tower", "batch", "tokens", "GFLOP/item"] + (["dtype"] if show_dtype else [])
     head += [f"PyTorch{one}/s", f"capivara{one}/s", "capivara/PyTorch"]
     if with_onnx:
         head += ["ORT fp32/s", "ORT int8/s"]
+    if with_int8:
+        head += ["capivara int8/s", "capivara int8/PyTorch"]
     head += ["capivara % of ceiling", "PyTorch % of ceiling"]
     if with_onnx:
         head += ["ORT fp32 % of ceiling"]
@@ -629,6 +637,9 @@ def markdown_table(rows, show_dtype: bool, with_onnx: bool):
         cells += [fmt_rate(r["torch"]), fmt_rate(r["capivara"]), f"{r['ratio']:.2f}x"]
         if with_onnx:
             cells += [fmt_rate(r.get("ort_fp32")), fmt_rate(r.get("ort_int8"))]
+        if with_int8:
+            ratio = r.get("int8_ratio")
+            cells += [fmt_rate(r.get("capivara_int8")), "-" if ratio is None else f"{ratio:.2f}x"]
         cells += [fmt_pct(r["capivara_pct"]), fmt_pct(r["torch_pct"])]
         if with_onnx:
             cells.append(fmt_pct(r.get("ort_fp32_pct")))
@@ -662,6 +673,8 @@ def parse_args():
     ap.add_argument("--warmup", type=int, default=3, help="untimed passes before each row (default 3)")
     ap.add_argument("--repeats", type=int, default=1, help="alternate the sweep R times, report the median")
     ap.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
+    ap.add_argument("--no-int8", dest="int8", action="store_false",
+                    help="skip capivara --quantize int8 (CPU f32 rows only; needs AVX-512 VNNI)")
     ap.add_argument("--json", type=Path, default=None, help="also write all results to this JSON file")
     ap.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                     help=f"where the default model and the ONNX exports are kept (default {default_cache_dir()})")
@@ -676,6 +689,7 @@ def parse_args():
     if a.repeats < 1:
         ap.error("--repeats must be >= 1")
     a.onnx = not a.no_onnx and not a.cuda and "f32" in a.dtypes
+    a.int8 = a.int8 and not a.cuda and "f32" in a.dtypes
     cap = a.capivara
     if not cap.is_absolute() and not cap.exists() and (REPO / cap).exists():
         cap = REPO / cap
@@ -786,7 +800,8 @@ def main():
                         x = tokens.batch(cycled(PROMPTS, b))
                         tok, flops = int(x.shape[1]), text_flops(model_cfg, text_config, int(x.shape[1]))
                     plan.append({"tower": tower, "batch": b, "dtype": d, "tokens": tok, "flops": flops,
-                                 "x_cpu": x, "runs": {"torch": [], "capivara": [], "ort_fp32": [], "ort_int8": []},
+                                 "x_cpu": x, "runs": {"torch": [], "capivara": [], "capivara_int8": [], "ort_fp32": [],
+                                          "ort_int8": []},
                                  "capivara_tokens": None, "capivara_threads": None, "iters": {}})
 
         for rep in range(a.repeats):
@@ -818,6 +833,15 @@ def main():
                 if tower == "text" and cr.get("tokens") != row["tokens"]:
                     log(f"  WARNING: capivara padded to {cr.get('tokens')} tokens, Python to {row['tokens']}")
                 time.sleep(PAUSE)
+                if a.int8 and d == "f32":
+                    got = run_capivara(a.capivara, "bench", "--model", str(a.model), "--device", a.device,
+                                       "--dtype", "f32", "--quantize", "int8", "--tower", tower,
+                                       "--batch", str(b), "--warmup", str(a.warmup),
+                                       "--seconds", str(a.seconds), "--iters", str(a.iters),
+                                       "--texts", str(texts_file))
+                    (cr,) = got["rows"]
+                    row["runs"]["capivara_int8"].append(cr["per_second"])
+                    time.sleep(PAUSE)
                 # ONNX Runtime
                 if sessions is not None and d == "f32":
                     xn = row["x_cpu"].numpy()
@@ -829,6 +853,7 @@ def main():
                         time.sleep(PAUSE)
                 r = row["runs"]
                 log(f"  {label}: torch {r['torch'][-1]:.2f}/s, capivara {r['capivara'][-1]:.2f}/s"
+                    + (f", capivara int8 {r['capivara_int8'][-1]:.2f}/s" if r["capivara_int8"] else "")
                     + (f", ORT fp32 {r['ort_fp32'][-1]:.2f}/s, int8 {r['ort_int8'][-1]:.2f}/s"
                        if sessions is not None and d == "f32" else ""))
 
@@ -855,6 +880,8 @@ def main():
             "ceiling_per_second": ceiling,
             "torch": med["torch"], "capivara": med["capivara"], "ratio": med["capivara"] / med["torch"],
             "ort_fp32": med["ort_fp32"], "ort_int8": med["ort_int8"],
+            "capivara_int8": med["capivara_int8"],
+            "int8_ratio": (med["capivara_int8"] / med["torch"]) if med["capivara_int8"] else None,
             "capivara_pct": pct(med["capivara"]), "torch_pct": pct(med["torch"]),
             "ort_fp32_pct": pct(med["ort_fp32"]), "ort_int8_pct": pct(med["ort_int8"]),
             "runs": row["runs"], "iters": row["iters"], "capivara_threads": row["capivara_threads"],
@@ -890,7 +917,7 @@ def main():
     print(f"- texts: the {len(PROMPTS)} prompts of src/bench.rs cycled to the batch, "
           f"{min(lengths)}-{max(lengths)} tokens each (incl. <s> </s>), padded to the longest of the batch "
           f"(`tokens` column)\n")
-    print(markdown_table(rows, a.cuda or a.dtypes != ["f32"], a.onnx))
+    print(markdown_table(rows, a.cuda or a.dtypes != ["f32"], a.onnx, a.int8))
     print()
     c32 = agree["capivara"]["f32"]
     print(f"- agreement (capivara embed {a.device} f32 vs open_clip fp32, {len(AGREEMENT_TEXTS)} texts, "
@@ -903,6 +930,10 @@ def main():
             print(f"- capivara {d} vs open_clip fp32: min cos text {r['text_min_cos']:.5f}, image "
                   f"{r['image_min_cos']:.5f} (PyTorch {d} vs fp32: text {th.get('text_min_cos', float('nan')):.5f}, "
                   f"image {th.get('image_min_cos', float('nan')):.5f})")
+    if "capivara_int8" in agree:
+        r = agree["capivara_int8"]
+        print(f"- capivara int8 (--quantize int8) vs open_clip fp32: min cos text {r['text_min_cos']:.5f}, "
+              f"image {r['image_min_cos']:.5f}")
     if onnx_checks:
         c = onnx_checks
         print(f"- ONNX export check (vs PyTorch, batch {c['inputs']['image'][0]} and 1, "

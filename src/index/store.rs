@@ -182,11 +182,40 @@ pub(crate) fn top_k(mut scored: Vec<(usize, f32)>, k: usize) -> Vec<(usize, f32)
     scored
 }
 
-/// Dot product, eight lanes wide so that it vectorises.
+/// Dot product: sixteen independent lanes so that it vectorises, compiled
+/// for AVX-512 and AVX2 and picked at run time (the search's inner loop).
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::kernels::Isa;
+        // SAFETY: the ISA comes from run-time detection.
+        match crate::kernels::isa() {
+            Some(Isa::Avx512) => return unsafe { dot_avx512(a, b) },
+            Some(Isa::Avx2) => return unsafe { dot_avx2(a, b) },
+            None => {}
+        }
+    }
+    dot_lanes(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    dot_lanes(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_lanes(a, b)
+}
+
+#[inline(always)]
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 16;
+    let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
     let (ra, rb) = (ca.remainder(), cb.remainder());
-    let mut acc = [0f32; 8];
+    let mut acc = [0f32; L];
     for (x, y) in ca.zip(cb) {
         for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
             *s += x * y;

@@ -75,10 +75,22 @@ pub fn isa() -> Option<Isa> {
 /// there candle's own threaded ops (softmax, layer norm, copies) competed
 /// with the pool's idle threads (int8 images at batch 32 fell 95 -> 59/s).
 pub fn run<T: Send>(rows: usize, f: impl FnOnce() -> T + Send) -> T {
-    if rows > 1024 || rayon::current_thread_index().is_some() {
+    if rows > pool_rows() || rayon::current_thread_index().is_some() {
         return f();
     }
     rayon::ThreadPool::install(pool(), f)
+}
+
+/// Largest forward pass (in token rows) run on the pool;
+/// `CAPIVARA_POOL_ROWS` overrides it.
+fn pool_rows() -> usize {
+    static ROWS: OnceLock<usize> = OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("CAPIVARA_POOL_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1024)
+    })
 }
 
 /// The pool the CPU kernels run on: one thread per core.
