@@ -290,6 +290,13 @@ impl Embedder {
         self.pipeline.preprocessor.preprocess(bytes)
     }
 
+    /// [`preprocess`](Self::preprocess) and a JPEG thumbnail, from one decode.
+    pub fn preprocess_with_thumbnail(&self, bytes: &[u8]) -> Result<(Vec<f32>, Vec<u8>), Error> {
+        self.pipeline
+            .preprocessor
+            .preprocess_with_thumbnail(bytes, crate::datadir::THUMBNAIL_SIDE)
+    }
+
     /// Normalised embeddings of preprocessed images, batched with other requests.
     pub async fn embed_pixels(&self, pixels: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, EngineError> {
         self.image.submit(pixels).await

@@ -41,6 +41,8 @@ pub fn parse_device(spec: &str) -> Result<candle_core::Device> {
 }
 
 #[cfg(feature = "server")]
+pub mod datadir;
+#[cfg(feature = "server")]
 pub mod engine;
 #[cfg(feature = "server")]
 pub mod index;

@@ -85,6 +85,18 @@ impl Preprocessor {
     }
 
     /// Image bytes -> the `S x S x 3` RGB bytes that `ToTensor` receives.
+    /// The model input and a JPEG thumbnail (longest side at most
+    /// `max_side`, aspect kept) from one decode.
+    pub fn preprocess_with_thumbnail(
+        &self,
+        bytes: &[u8],
+        max_side: u32,
+    ) -> Result<(Vec<f32>, Vec<u8>)> {
+        let img = self.decode(bytes)?;
+        let pixels = self.normalize(&resize_crop_rgb(&img, self.size));
+        Ok((pixels, thumbnail_jpeg(&img, max_side)?))
+    }
+
     pub fn rgb(&self, bytes: &[u8]) -> Result<Vec<u8>> {
         let img = self.decode(bytes)?;
         Ok(resize_crop_rgb(&img, self.size))
@@ -324,6 +336,51 @@ fn to_pil_layout(img: DynamicImage, nearest: bool) -> Decoded {
         channels,
         data,
         nearest,
+    }
+}
+
+/// A JPEG (quality 85) of `img` as RGB, shrunk so that its longest side is at
+/// most `max_side`.
+fn thumbnail_jpeg(img: &Decoded, max_side: u32) -> Result<Vec<u8>> {
+    let rgb: Vec<u8> = match img.channels {
+        1 => img.data.iter().flat_map(|&l| [l, l, l]).collect(),
+        2 => img
+            .data
+            .chunks_exact(2)
+            .flat_map(|p| [p[0], p[0], p[0]])
+            .collect(),
+        3 => img.data.clone(),
+        _ => img
+            .data
+            .chunks_exact(img.channels)
+            .flat_map(|p| [p[0], p[1], p[2]])
+            .collect(),
+    };
+    let full = image::RgbImage::from_raw(img.width as u32, img.height as u32, rgb)
+        .ok_or_else(|| Error::ImageDecode("inconsistent image buffer".into()))?;
+    let (w, h) = (full.width(), full.height());
+    let scale = (max_side.max(1) as f64 / w.max(h) as f64).min(1.0);
+    let (tw, th) = (
+        ((w as f64 * scale).round() as u32).max(1),
+        ((h as f64 * scale).round() as u32).max(1),
+    );
+    let small = if (tw, th) == (w, h) {
+        full
+    } else {
+        image::imageops::thumbnail(&full, tw, th)
+    };
+    let run = || -> std::io::Result<Vec<u8>> {
+        let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+        c.set_size(tw as usize, th as usize);
+        c.set_quality(85.0);
+        let mut c = c.start_compress(Vec::new())?;
+        c.write_scanlines(small.as_raw())?;
+        c.finish()
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(Ok(jpeg)) => Ok(jpeg),
+        Ok(Err(e)) => Err(Error::ImageDecode(format!("thumbnail: {e}"))),
+        Err(_) => Err(Error::ImageDecode("thumbnail: JPEG encoder failed".into())),
     }
 }
 

@@ -775,3 +775,103 @@ fn a_model_that_cannot_load_exits_non_zero() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/model"));
 }
+
+/// Ingest keeps a thumbnail (longest side <= 256, aspect kept), served at
+/// /images/{id}/thumbnail; a replacement updates it, a delete removes it.
+#[test]
+fn thumbnails_follow_their_images() {
+    let s = TestServer::start(|_| {});
+    let wide = {
+        let img = image::RgbImage::from_fn(900, 300, |x, _| image::Rgb([(x % 256) as u8, 90, 200]));
+        let mut out = Vec::new();
+        image::DynamicImage::ImageRgb8(img)
+            .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+            .unwrap();
+        out
+    };
+    let small = test_png(3);
+    let r = s.http.post_json(
+        "/images",
+        &json!({"images": [{"image": b64(&wide), "id": "wide"}, {"image": b64(&small), "id": "small"}]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    let jpeg_size = |b: &[u8]| mozjpeg::Decompress::new_mem(b).unwrap().size();
+    let (status, ct, body) = s.http.get_bytes("/images/wide/thumbnail");
+    assert_eq!((status, ct.as_str()), (200, "image/jpeg"));
+    assert_eq!(jpeg_size(&body), (256, 85));
+    // Small images are not enlarged.
+    let (_, _, body) = s.http.get_bytes("/images/small/thumbnail");
+    let orig = image::load_from_memory(&small).unwrap();
+    assert_eq!(
+        jpeg_size(&body),
+        (orig.width() as usize, orig.height() as usize)
+    );
+    // Replacing the image replaces the thumbnail.
+    let r = s.http.post_json(
+        "/images",
+        &json!({"images": [{"image": b64(&small), "id": "wide"}]}),
+    );
+    assert_eq!(r.status, 200);
+    let (_, _, body) = s.http.get_bytes("/images/wide/thumbnail");
+    assert_eq!(jpeg_size(&body).0, orig.width() as usize);
+    // Deleted, unknown, invalid.
+    assert_eq!(s.http.delete("/images/wide", None).status, 200);
+    let r = s.http.get("/images/wide/thumbnail");
+    assert_eq!((r.status, r.error_code().as_str()), (404, "not_found"));
+    assert_eq!(s.http.get("/images/nope/thumbnail").status, 404);
+    let r = s.http.get("/images/bad%20id/thumbnail");
+    assert_eq!((r.status, r.error_code().as_str()), (400, "invalid_id"));
+    // A failed ingest (one undecodable image) leaves no thumbnail behind.
+    let r = s.http.post_json(
+        "/images",
+        &json!({"images": [{"image": b64(&small), "id": "ok"}, {"image": b64(b"junk"), "id": "junk"}]}),
+    );
+    assert_eq!(r.status, 415);
+    assert_eq!(s.http.get("/images/ok/thumbnail").status, 404);
+    let files: Vec<String> = std::fs::read_dir(s.data_dir.join("thumbnails"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(files, ["small.jpg"]);
+}
+
+#[test]
+fn the_page_and_its_assets_are_served() {
+    let s = TestServer::start(|_| {});
+    for (path, ct, needle) in [
+        ("/", "text/html", "<html"),
+        ("/app.js", "text/javascript", ""),
+        ("/style.css", "text/css", ""),
+    ] {
+        let r = s.http.get(path);
+        assert_eq!(r.status, 200, "{path}");
+        assert!(r.content_type.starts_with(ct), "{path}: {}", r.content_type);
+        assert!(r.text.contains(needle) && !r.text.is_empty(), "{path}");
+        // Everything the page loads comes from this server.
+        assert!(
+            !r.text.contains("https://") && !r.text.contains("http://"),
+            "{path} links outside"
+        );
+    }
+}
+
+/// A second process on the same data directory is refused, clearly.
+#[test]
+fn one_server_per_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let first = ChildServer::spawn(&data, &[]);
+    assert_eq!(first.http.get("/readyz").status, 200);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_capivara"))
+        .args(["serve", "--model"])
+        .arg(tiny_dir())
+        .args(["--addr", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another capivara process"), "{err}");
+    assert!(err.contains(&format!("pid {}", first.child.id())), "{err}");
+}

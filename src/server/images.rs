@@ -10,11 +10,11 @@ use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
 use super::input::{
-    decode_base64, field_bytes, field_text, next_field, parse_json, preprocess_all, require_key,
-    Payload,
+    decode_base64, field_bytes, field_text, next_field, parse_json, preprocess_with_thumbnails,
+    require_key, Payload,
 };
 use super::AppState;
-use crate::index::{validate_id, Item};
+use crate::index::{validate_id, IndexError, Item};
 
 /// One image to ingest.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -215,7 +215,10 @@ pub async fn ingest(
         metas.push(metadata);
         images.push(u.bytes);
     }
-    let pixels = preprocess_all(&state, images).await?;
+    let (pixels, thumbs): (Vec<_>, Vec<_>) = preprocess_with_thumbnails(&state, images)
+        .await?
+        .into_iter()
+        .unzip();
     let vectors = state.loaded()?.embedder.embed_pixels(pixels).await?;
     let items: Vec<Item> = ids
         .iter()
@@ -227,10 +230,26 @@ pub async fn ingest(
             metadata,
         })
         .collect();
-    let index = state.loaded()?.index.clone();
-    tokio::task::spawn_blocking(move || index.insert(items))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))??;
+    let loaded = state.loaded()?;
+    let (index, thumbnails) = (loaded.index.clone(), loaded.thumbnails.clone());
+    let names = ids.clone();
+    tokio::task::spawn_blocking(move || -> Result<(), IndexError> {
+        // Thumbnails are staged (written, fsynced) first and made visible
+        // only once the index write is durable: a failed insert leaves the
+        // old thumbnails in place.
+        let staged = names
+            .iter()
+            .zip(&thumbs)
+            .map(|(id, jpeg)| thumbnails.stage(id, jpeg))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        index.insert(items)?;
+        if let Err(e) = thumbnails.commit(staged) {
+            tracing::error!("thumbnails of an ingested batch: {e}");
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))??;
     Ok(Json(IngestResponse { ids }))
 }
 
@@ -277,8 +296,55 @@ pub async fn delete_image(
         .await
         .map_err(|e| ApiError::internal(e.to_string()))??;
     if deleted {
+        if let Err(e) = state.loaded()?.thumbnails.remove(&id) {
+            tracing::error!("thumbnail of deleted `{id}`: {e}");
+        }
         Ok(Json(Deleted { id, deleted }))
     } else {
         Err(ApiError::not_found(format!("no image with id `{id}`")))
+    }
+}
+
+/// JPEG bytes (documentation only).
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)]
+pub struct Jpeg(Vec<u8>);
+
+/// The image's thumbnail: a JPEG whose longest side is at most 256 pixels,
+/// made at ingest.
+#[utoipa::path(get, path = "/images/{id}/thumbnail", tag = "images",
+    params(("id" = String, Path, description = "The image id")),
+    responses(
+        (status = 200, description = "The thumbnail", content_type = "image/jpeg", body = Jpeg),
+        (status = 400, description = "Invalid id", body = ErrorBody),
+        (status = 404, description = "No such image, or none kept for it", body = ErrorBody),
+    ))]
+pub async fn get_thumbnail(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    validate_id(&id)?;
+    let loaded = state.loaded()?;
+    if !loaded.index.contains(&id) {
+        return Err(ApiError::not_found(format!("no image with id `{id}`")));
+    }
+    let thumbnails = loaded.thumbnails.clone();
+    let key = id.clone();
+    let jpeg = tokio::task::spawn_blocking(move || thumbnails.read(&key))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(format!("reading the thumbnail: {e}")))?;
+    match jpeg {
+        Some(b) => Ok((
+            [
+                (axum::http::header::CONTENT_TYPE, "image/jpeg"),
+                (axum::http::header::CACHE_CONTROL, "no-cache"),
+            ],
+            b,
+        )
+            .into_response()),
+        None => Err(ApiError::not_found(format!("no thumbnail kept for `{id}`"))),
     }
 }

@@ -187,12 +187,26 @@ pub async fn preprocess_all(
     state: &Arc<AppState>,
     images: Vec<Vec<u8>>,
 ) -> Result<Vec<Vec<f32>>, ApiError> {
+    preprocess_each(state, images, |e, b| e.preprocess(b)).await
+}
+
+/// [`preprocess_all`] with a JPEG thumbnail of each image.
+pub async fn preprocess_with_thumbnails(
+    state: &Arc<AppState>,
+    images: Vec<Vec<u8>>,
+) -> Result<Vec<(Vec<f32>, Vec<u8>)>, ApiError> {
+    preprocess_each(state, images, |e, b| e.preprocess_with_thumbnail(b)).await
+}
+
+async fn preprocess_each<T: Send + 'static>(
+    state: &Arc<AppState>,
+    images: Vec<Vec<u8>>,
+    f: fn(&crate::engine::Embedder, &[u8]) -> Result<T, crate::Error>,
+) -> Result<Vec<T>, ApiError> {
     let mut tasks = Vec::with_capacity(images.len());
     for bytes in images {
         let embedder = state.loaded()?.embedder.clone();
-        tasks.push(tokio::task::spawn_blocking(move || {
-            embedder.preprocess(&bytes)
-        }));
+        tasks.push(tokio::task::spawn_blocking(move || f(&embedder, &bytes)));
     }
     let mut out = Vec::with_capacity(tasks.len());
     for (i, t) in tasks.into_iter().enumerate() {

@@ -12,6 +12,7 @@ pub mod images;
 pub mod input;
 pub mod metrics;
 pub mod openapi;
+mod page;
 pub mod search;
 
 use std::net::SocketAddr;
@@ -104,6 +105,9 @@ impl ServeConfig {
 pub struct Loaded {
     pub embedder: Arc<Embedder>,
     pub index: Arc<dyn VectorIndex>,
+    pub thumbnails: crate::datadir::Thumbnails,
+    /// The data directory is ours while this lives.
+    _lock: crate::datadir::DataDirLock,
 }
 
 /// What every handler sees.
@@ -125,6 +129,8 @@ impl AppState {
     /// Loads the model, warms it up, opens the index. Blocking.
     pub fn load(&self) -> anyhow::Result<()> {
         let cfg = &self.config;
+        // One process per data directory: refuse before any slow work.
+        let lock = crate::datadir::lock(&cfg.data_dir)?;
         tracing::info!(model = %cfg.model, "loading the model");
         let mut pipeline =
             Pipeline::load_with(&cfg.model, &cfg.device, cfg.dtype, cfg.quantization)?;
@@ -141,6 +147,7 @@ impl AppState {
             .clip
             .encode_image(&pipeline.preprocessor.batch(&warm, pipeline.clip.device())?)?;
         let observer: Arc<dyn EngineObserver> = self.metrics.clone();
+        let thumbnails = crate::datadir::Thumbnails::open(&cfg.data_dir)?;
         let embedder = Arc::new(Embedder::new(pipeline, cfg.engine.clone(), Some(observer)));
         let index_dir = cfg.data_dir.join("index");
         tracing::info!(dir = %index_dir.display(), "opening the index");
@@ -149,6 +156,8 @@ impl AppState {
         let _ = self.loaded.set(Loaded {
             embedder,
             index: Arc::new(index),
+            thumbnails,
+            _lock: lock,
         });
         tracing::info!("ready");
         Ok(())
@@ -169,6 +178,9 @@ impl AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.config.limits.max_body_bytes;
     let api = Router::new()
+        .route("/", get(page::index))
+        .route("/app.js", get(page::app))
+        .route("/style.css", get(page::style))
         .route("/classify", post(classify::classify))
         .route("/search", post(search::search))
         .route("/images", post(images::ingest))
@@ -176,6 +188,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/images/{id}",
             get(images::get_image).delete(images::delete_image),
         )
+        .route("/images/{id}/thumbnail", get(images::get_thumbnail))
         .route("/embed/text", post(embed::embed_text))
         .route("/embed/image", post(embed::embed_image))
         .route("/healthz", get(health::healthz))

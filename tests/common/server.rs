@@ -86,6 +86,29 @@ impl Http {
         }
     }
 
+    /// A GET whose body is bytes: status, content type, body.
+    pub fn get_bytes(&self, path: &str) -> (u16, String, Vec<u8>) {
+        let mut r = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .call()
+            .expect("request failed at the transport level");
+        let ct = r
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let mut body = Vec::new();
+        r.body_mut()
+            .with_config()
+            .limit(64 << 20)
+            .reader()
+            .read_to_end(&mut body)
+            .unwrap();
+        (r.status().as_u16(), ct, body)
+    }
+
     pub fn get(&self, path: &str) -> Resp {
         Self::finish(self.agent.get(format!("{}{path}", self.base)).call())
     }

@@ -1,0 +1,207 @@
+//! The data directory: its exclusive lock (one process at a time: `capivara
+//! serve` or `capivara index`) and the thumbnails kept beside the index.
+//!
+//! Layout: `index/` (see [`crate::index`]), `thumbnails/<id>.jpg`, `.lock`.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// Held while a process uses the data directory; released when dropped or
+/// when the process ends, however it ends (the OS drops the lock).
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: File,
+    path: PathBuf,
+}
+
+impl DataDirLock {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Why the lock could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error(
+        "the data directory {dir} is in use by another capivara process{pid}: \
+         stop it first (one `capivara serve` or `capivara index` per data directory)"
+    )]
+    InUse { dir: PathBuf, pid: String },
+    #[error("cannot lock the data directory {dir}: {source}")]
+    Io {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Takes the exclusive lock of `dir` (created if missing), recording this
+/// process's id in it for the message another process would get.
+pub fn lock(dir: &Path) -> Result<DataDirLock, LockError> {
+    let io = |source| LockError::Io {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let path = dir.join(".lock");
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            return Err(LockError::InUse {
+                dir: dir.to_path_buf(),
+                pid: if pid.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {pid})")
+                },
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    file.set_len(0).map_err(io)?;
+    file.seek(SeekFrom::Start(0)).map_err(io)?;
+    writeln!(file, "{}", std::process::id()).map_err(io)?;
+    Ok(DataDirLock { _file: file, path })
+}
+
+/// Largest side of a thumbnail, in pixels.
+pub const THUMBNAIL_SIDE: u32 = 256;
+
+/// `thumbnails/<id>.jpg` under the data directory. Ids are validated by the
+/// index (`[A-Za-z0-9._-]`, not `.` or `..`), so they are safe file names.
+#[derive(Debug, Clone)]
+pub struct Thumbnails {
+    dir: PathBuf,
+}
+
+/// A thumbnail written under a temporary name, not yet visible; removed if
+/// dropped without [`Thumbnails::commit`].
+#[derive(Debug)]
+pub struct Staged {
+    tmp: PathBuf,
+    dest: PathBuf,
+    done: bool,
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+impl Thumbnails {
+    /// The thumbnails of data directory `data_dir` (the folder is created).
+    pub fn open(data_dir: &Path) -> std::io::Result<Self> {
+        let dir = data_dir.join("thumbnails");
+        std::fs::create_dir_all(&dir)?;
+        // Leftovers of a crash between staging and commit.
+        for e in std::fs::read_dir(&dir)?.flatten() {
+            if e.file_name().to_string_lossy().ends_with(".tmp") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        Ok(Self { dir })
+    }
+
+    fn path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.jpg"))
+    }
+
+    /// Writes `jpeg` for `id` under a temporary name and fsyncs it.
+    pub fn stage(&self, id: &str, jpeg: &[u8]) -> std::io::Result<Staged> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .dir
+            .join(format!(".{id}.{}.{n}.tmp", std::process::id()));
+        let staged = Staged {
+            tmp,
+            dest: self.path(id),
+            done: false,
+        };
+        let mut f = File::create(&staged.tmp)?;
+        f.write_all(jpeg)?;
+        f.sync_all()?;
+        Ok(staged)
+    }
+
+    /// Makes staged thumbnails visible (renames, then one directory fsync).
+    pub fn commit(&self, staged: Vec<Staged>) -> std::io::Result<()> {
+        for mut s in staged {
+            std::fs::rename(&s.tmp, &s.dest)?;
+            s.done = true;
+        }
+        File::open(&self.dir)?.sync_all()
+    }
+
+    /// The thumbnail of `id`, if there is one.
+    pub fn read(&self, id: &str) -> std::io::Result<Option<Vec<u8>>> {
+        match std::fs::read(self.path(id)) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes the thumbnail of `id` (absent is fine).
+    pub fn remove(&self, id: &str) -> std::io::Result<()> {
+        match std::fs::remove_file(self.path(id)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_holder_at_a_time_and_released_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock(dir.path()).unwrap();
+        let err = lock(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("in use by another capivara process"), "{err}");
+        assert!(
+            err.contains(&format!("pid {}", std::process::id())),
+            "{err}"
+        );
+        drop(held);
+        lock(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn staged_thumbnails_appear_only_on_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Thumbnails::open(dir.path()).unwrap();
+        let s = t.stage("a-1", b"JPEG").unwrap();
+        assert_eq!(t.read("a-1").unwrap(), None);
+        t.commit(vec![s]).unwrap();
+        assert_eq!(t.read("a-1").unwrap().as_deref(), Some(&b"JPEG"[..]));
+        // Dropped without commit: nothing left behind, the old one stays.
+        drop(t.stage("a-1", b"NEW").unwrap());
+        assert_eq!(t.read("a-1").unwrap().as_deref(), Some(&b"JPEG"[..]));
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("thumbnails"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["a-1.jpg"]);
+        t.remove("a-1").unwrap();
+        t.remove("a-1").unwrap();
+        assert_eq!(t.read("a-1").unwrap(), None);
+    }
+}
