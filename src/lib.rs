@@ -15,6 +15,7 @@ pub mod model;
 pub mod pipeline;
 pub mod preprocess;
 pub mod tokenizer;
+pub mod webdataset;
 pub mod zeroshot;
 
 pub use error::{Error, Result};
@@ -40,6 +41,8 @@ pub fn parse_device(spec: &str) -> Result<candle_core::Device> {
     }
 }
 
+#[cfg(feature = "server")]
+pub mod bulk;
 #[cfg(feature = "server")]
 pub mod datadir;
 #[cfg(feature = "server")]

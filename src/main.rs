@@ -34,6 +34,10 @@ enum Command {
     /// Print the OpenAPI document of the HTTP API (openapi/openapi.json).
     #[cfg(feature = "server")]
     Openapi,
+    /// Ingest folders of images and webdataset shards into a data directory
+    /// (the server's format; not while a server uses it).
+    #[cfg(feature = "server")]
+    Index(IndexArgs),
 }
 
 #[cfg(feature = "server")]
@@ -80,6 +84,37 @@ struct ServeArgs {
     /// Prompt templates, one per line with `{}` for the label (default: Portuguese set).
     #[arg(long, env = "CAPIVARA_TEMPLATES")]
     templates: Option<PathBuf>,
+}
+
+#[cfg(feature = "server")]
+#[derive(clap::Args)]
+struct IndexArgs {
+    /// Model: a local directory or a Hugging Face repo id.
+    #[arg(long, env = "CAPIVARA_MODEL", default_value = DEFAULT_MODEL)]
+    model: String,
+    /// The data directory (created if missing), as `capivara serve` uses it.
+    #[arg(long, env = "CAPIVARA_DATA_DIR", default_value = "./capivara-data")]
+    data_dir: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "CAPIVARA_DEVICE", default_value = "cpu")]
+    device: String,
+    /// Weights dtype: f32, f16 or bf16.
+    #[arg(long, env = "CAPIVARA_DTYPE", default_value = "f32")]
+    dtype: String,
+    /// `int8` or `none` (see `capivara serve --help`); the index must be
+    /// searched with the embeddings of the same setting.
+    #[arg(long, env = "CAPIVARA_QUANTIZE", default_value = "none")]
+    quantize: String,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// No progress bar (it is only drawn on a terminal anyway).
+    #[arg(long)]
+    no_progress: bool,
+    /// Folders (searched recursively for .jpg .jpeg .png .webp .gif .bmp),
+    /// image files, and webdataset shards (.tar).
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -222,6 +257,44 @@ struct EmbedOutput<'a> {
     images: Vec<Vec<f32>>,
 }
 
+#[cfg(feature = "server")]
+fn index(args: IndexArgs) -> anyhow::Result<()> {
+    use capivara::index::{HnswIndex, HnswParams, VectorIndex};
+    let device = capivara::parse_device(&args.device)?;
+    let dtype = parse_dtype(&args.dtype)?;
+    let quantization: capivara::model::Quantization = args.quantize.parse()?;
+    anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
+    for p in &args.paths {
+        anyhow::ensure!(p.exists(), "{}: no such file or folder", p.display());
+    }
+    let _lock = capivara::datadir::lock(&args.data_dir)?;
+    let pipeline = Pipeline::load_with(&args.model, &device, dtype, quantization)?;
+    // Writing only: no graph (the server builds it at start).
+    let params = HnswParams {
+        exact_search_below: usize::MAX,
+        ..HnswParams::default()
+    };
+    let index = HnswIndex::open(
+        &args.data_dir.join("index"),
+        pipeline.clip.embed_dim(),
+        params,
+    )?;
+    let thumbnails = capivara::datadir::Thumbnails::open(&args.data_dir)?;
+    let report = capivara::bulk::run(
+        &pipeline,
+        &index,
+        &thumbnails,
+        &args.paths,
+        args.batch_size,
+        !args.no_progress,
+    )?;
+    index.flush()?;
+    let mut stdout = std::io::stdout().lock();
+    serde_json::to_writer(&mut stdout, &report)?;
+    writeln!(stdout)?;
+    Ok(())
+}
+
 fn parse_dtype(s: &str) -> Result<DType, Error> {
     match s {
         "f32" => Ok(DType::F32),
@@ -319,6 +392,8 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Embed(args) => embed(args),
         Command::Bench(args) => bench(args),
+        #[cfg(feature = "server")]
+        Command::Index(args) => index(args),
         #[cfg(feature = "server")]
         Command::Openapi => {
             print!("{}", capivara::server::openapi::document());

@@ -875,3 +875,141 @@ fn one_server_per_data_directory() {
     assert!(err.contains("in use by another capivara process"), "{err}");
     assert!(err.contains(&format!("pid {}", first.child.id())), "{err}");
 }
+
+/// `capivara index` on a folder of 200 generated images gives the same
+/// search results as ingesting them over HTTP; shards, skips, the lock.
+#[test]
+fn bulk_index_equals_http_ingest() {
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = dir.path().join("imgs");
+    std::fs::create_dir_all(imgs.join("sub")).unwrap();
+    let mut expected: Vec<(String, String, Vec<u8>)> = Vec::new(); // id, path, bytes
+    for i in 0..200u32 {
+        let name = format!("img-{i:03}.png");
+        let bytes = test_png(1000 + i);
+        std::fs::write(imgs.join(&name), &bytes).unwrap();
+        expected.push((name.clone(), name, bytes));
+    }
+    let sub = test_png(7);
+    std::fs::write(imgs.join("sub/foto 1.png"), &sub).unwrap();
+    expected.push(("sub-foto_1.png".into(), "sub/foto 1.png".into(), sub));
+    std::fs::write(imgs.join("broken.png"), b"not a png").unwrap();
+    std::fs::write(imgs.join("notes.txt"), b"ignored").unwrap();
+
+    let run_index = |data: &std::path::Path, extra: &[&std::ffi::OsStr]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_capivara"))
+            .arg("index")
+            .arg("--model")
+            .arg(tiny_dir())
+            .arg("--data-dir")
+            .arg(data)
+            .args(extra)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap()
+    };
+    let data_a = dir.path().join("a");
+    let out = run_index(&data_a, &[imgs.as_os_str()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["indexed"], 201);
+    assert_eq!(report["skipped"], 1);
+    assert_eq!(report["index_size"], 201);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("broken.png"));
+
+    // The same images over HTTP, with the ids and metadata `index` gave.
+    let http = TestServer::start(|_| {});
+    for chunk in expected.chunks(32) {
+        let images: Vec<Value> = chunk
+            .iter()
+            .map(|(id, path, b)| json!({"image": b64(b), "id": id, "metadata": {"path": path}}))
+            .collect();
+        let r = http.http.post_json("/images", &json!({ "images": images }));
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    let served = ChildServer::spawn(&data_a, &[]);
+    let queries = [
+        json!({"query": "um quadrado vermelho", "k": 10}),
+        json!({"query": "uma capivara", "k": 201}),
+        json!({"image": b64(&test_png(1042)), "k": 5}),
+    ];
+    for q in &queries {
+        let (a, b) = (
+            served.http.post_json("/search", q),
+            http.http.post_json("/search", q),
+        );
+        assert_eq!((a.status, b.status), (200, 200), "{}", a.text);
+        let (a, b) = (a.json()["results"].clone(), b.json()["results"].clone());
+        let (a, b) = (a.as_array().unwrap(), b.as_array().unwrap());
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            assert_eq!(x["id"], y["id"], "{q}");
+            assert_eq!(x["metadata"], y["metadata"]);
+            let (s, t) = (x["score"].as_f64().unwrap(), y["score"].as_f64().unwrap());
+            assert!((s - t).abs() < 1e-5, "{s} vs {t}");
+        }
+    }
+    let (status, ct, _) = served.http.get_bytes("/images/sub-foto_1.png/thumbnail");
+    assert_eq!((status, ct.as_str()), (200, "image/jpeg"));
+
+    // The server holds the data directory: `index` is refused, clearly.
+    let out = run_index(&data_a, &[imgs.as_os_str()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another capivara process"));
+    drop(served);
+
+    // A webdataset shard: keys become ids, the sample JSON the metadata.
+    let shard = dir.path().join("00000.tar");
+    {
+        let mut b = tar::Builder::new(std::fs::File::create(&shard).unwrap());
+        let mut add = |name: &str, data: &[u8]| {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, data).unwrap();
+        };
+        add("000001.png", &test_png(1));
+        add("000001.json", br#"{"captions-pt": ["um gato"]}"#);
+        add("000002.png", &test_png(2));
+        b.finish().unwrap();
+    }
+    let data_b = dir.path().join("b");
+    let out = run_index(&data_b, &[shard.as_os_str()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let served = ChildServer::spawn(&data_b, &[]);
+    let r = served.http.get("/images/000001");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json()["metadata"],
+        json!({"captions-pt": ["um gato"], "shard": "00000.tar", "key": "000001"})
+    );
+    assert_eq!(
+        served.http.get("/images/000002").json()["metadata"]["key"],
+        "000002"
+    );
+    drop(served);
+
+    // Bad input: a missing path, a zero batch.
+    let out = run_index(&data_b, &[std::ffi::OsStr::new("/no/such/folder")]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/folder"));
+    let out = run_index(
+        &data_b,
+        &[
+            std::ffi::OsStr::new("--batch-size"),
+            std::ffi::OsStr::new("0"),
+            imgs.as_os_str(),
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--batch-size"));
+}

@@ -4,7 +4,6 @@
 //! `image_path<TAB>caption`. A bad sample is counted and skipped, never fatal.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use rand::seq::IndexedRandom;
@@ -97,24 +96,7 @@ pub fn expand_braces(pattern: &str) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
-const IMAGE_EXTS: &[&str] = &["jpg", "jpeg", "png", "webp"];
-
-/// webdataset's split of a member name: the key is everything up to the first
-/// dot of the file name (directories included), the extension the rest.
-fn split_key(name: &str) -> Option<(String, String)> {
-    let slash = name.rfind('/').map(|i| i + 1).unwrap_or(0);
-    let dot = name[slash..].find('.')? + slash;
-    Some((
-        name[..dot].to_string(),
-        name[dot + 1..].to_ascii_lowercase(),
-    ))
-}
-
-#[derive(Default)]
-struct Parts {
-    image: Option<Vec<u8>>,
-    json: Option<Vec<u8>>,
-}
+use capivara::webdataset::{self, Want, IMAGE_EXTS};
 
 fn captions(value: &serde_json::Value, field: &str) -> Vec<String> {
     match value.get(field) {
@@ -143,49 +125,32 @@ pub fn read_shard_captions(path: &Path) -> (Vec<Sample>, Skipped) {
 
 fn read_shard_impl(path: &Path, with_images: bool) -> (Vec<Sample>, Skipped) {
     let mut skipped = Skipped::default();
-    let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
-    let mut read = || -> std::io::Result<()> {
-        let file = std::fs::File::open(path)?;
-        let mut archive = tar::Archive::new(std::io::BufReader::new(file));
-        for entry in archive.entries_with_seek()? {
-            let mut entry = entry?;
-            if !entry.header().entry_type().is_file() {
-                continue;
-            }
-            let name = entry.path()?.to_string_lossy().into_owned();
-            let Some((key, ext)) = split_key(&name) else {
-                continue;
-            };
-            let slot = if IMAGE_EXTS.contains(&ext.as_str()) {
-                let slot = &mut parts.entry(key).or_default().image;
-                if !with_images {
-                    *slot = Some(Vec::new());
-                    continue;
-                }
-                slot
-            } else if ext == "json" {
-                &mut parts.entry(key).or_default().json
-            } else {
-                continue;
-            };
-            let mut buf = Vec::with_capacity(entry.size() as usize);
-            entry.read_to_end(&mut buf)?;
-            *slot = Some(buf);
+    let (groups, err) = webdataset::read_groups(path, |ext| {
+        if ext == "json" || (with_images && IMAGE_EXTS.contains(&ext)) {
+            Want::Read
+        } else if IMAGE_EXTS.contains(&ext) {
+            Want::Presence
+        } else {
+            Want::Skip
         }
-        Ok(())
-    };
-    if read().is_err() && parts.is_empty() {
+    });
+    if err.is_some() && groups.is_empty() {
         skipped.unreadable += 1;
         return (vec![], skipped);
     }
     // A truncated shard keeps the complete samples read before the damage.
-    let mut samples = Vec::with_capacity(parts.len());
-    for (key, p) in parts {
-        let Some(image) = p.image else {
+    let mut samples = Vec::with_capacity(groups.len());
+    for g in groups {
+        let Some((_, image)) = g.image() else {
             skipped.no_image += 1;
             continue;
         };
-        let meta: Option<serde_json::Value> = p.json.and_then(|j| serde_json::from_slice(&j).ok());
+        let image = image.to_vec();
+        let key = g.key.clone();
+        let meta: Option<serde_json::Value> = g
+            .parts
+            .get("json")
+            .and_then(|j| serde_json::from_slice(j).ok());
         let (caps, generated) = match &meta {
             Some(m) => (
                 captions(m, "captions-pt"),
@@ -288,19 +253,6 @@ mod tests {
         assert!(expand_braces("x{1..").is_err());
         assert!(expand_braces("{3..1}").is_err());
         assert!(expand_braces("{a..b}").is_err());
-    }
-
-    #[test]
-    fn keys_split_at_the_first_dot_of_the_file_name() {
-        assert_eq!(
-            split_key("000/abc.jpg"),
-            Some(("000/abc".into(), "jpg".into()))
-        );
-        assert_eq!(
-            split_key("a.b/c.seg.JSON"),
-            Some(("a.b/c".into(), "seg.json".into()))
-        );
-        assert_eq!(split_key("noext"), None);
     }
 
     fn tar_with(dir: &Path, files: &[(&str, &[u8])]) -> PathBuf {
