@@ -42,8 +42,10 @@ FROM nvidia/cuda:13.0.1-devel-ubuntu24.04 AS build-cuda
 ARG RUST_VERSION
 # Hopper by default; 80 for A100, 89 for L4 / RTX 40xx.
 ARG CUDA_COMPUTE_CAP=90
+# libcuda comes from the driver at run time; the link uses the toolkit's stub.
 ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP} \
-    PATH=/root/.cargo/bin:${PATH}
+    PATH=/root/.cargo/bin:${PATH} \
+    RUSTFLAGS="-L native=/usr/local/cuda/lib64/stubs"
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates curl gcc g++ make \
     && rm -rf /var/lib/apt/lists/* \
