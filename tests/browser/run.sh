@@ -15,6 +15,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 bin="${CAPIVARA_BIN:-$root/target/release/capivara}"
+[[ "$bin" == /* ]] || bin="$PWD/$bin" # relative to where it was called from
 export CHROMIUM="${CHROMIUM:-/usr/bin/chromium}"
 
 [[ -x "$bin" ]] || { echo "run.sh: no server binary at $bin (cargo build --release -p capivara)" >&2; exit 2; }
