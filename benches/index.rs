@@ -48,9 +48,18 @@ fn items(vs: &[Vec<f32>], offset: usize) -> Vec<Item> {
         .collect()
 }
 
-fn index_with(dir: &std::path::Path, vs: &[Vec<f32>], exact: bool) -> HnswIndex {
+/// How the index answers.
+#[derive(Clone, Copy, PartialEq)]
+enum Path {
+    Exact,
+    Int8Scan,
+    Graph,
+}
+
+fn index_with(dir: &std::path::Path, vs: &[Vec<f32>], path: Path) -> HnswIndex {
     let params = HnswParams {
-        exact_search_below: if exact { usize::MAX } else { 0 },
+        exact_search_below: if path == Path::Exact { usize::MAX } else { 0 },
+        graph_above: if path == Path::Graph { 0 } else { usize::MAX },
         background_build: false,
         ..HnswParams::default()
     };
@@ -71,10 +80,13 @@ fn search(c: &mut Criterion) {
         let vs = vectors(n, 7);
         let mut g = c.benchmark_group(format!("search-{n}"));
         g.measurement_time(Duration::from_secs(5));
-        for exact in [true, false] {
+        for (path, name) in [
+            (Path::Exact, "brute-force"),
+            (Path::Int8Scan, "int8-scan"),
+            (Path::Graph, "hnsw"),
+        ] {
             let dir = tempfile::tempdir().expect("tempdir");
-            let index = index_with(dir.path(), &vs, exact);
-            let name = if exact { "brute-force" } else { "hnsw" };
+            let index = index_with(dir.path(), &vs, path);
             let mut q = 0usize;
             g.bench_function(BenchmarkId::new(name, "k=10"), |b| {
                 b.iter(|| {
@@ -92,17 +104,15 @@ fn insert(c: &mut Criterion) {
     let mut g = c.benchmark_group("insert");
     g.throughput(Throughput::Elements(vs.len() as u64));
     g.sample_size(10);
-    for exact in [true, false] {
-        let name = if exact {
-            "1000 items, logged, no graph"
-        } else {
-            "1000 items, logged, into the graph"
-        };
+    for (path, name) in [
+        (Path::Exact, "1000 items, logged, no graph"),
+        (Path::Graph, "1000 items, logged, into the graph"),
+    ] {
         g.bench_function(name, |b| {
             b.iter_batched(
                 || {
                     let dir = tempfile::tempdir().expect("tempdir");
-                    let index = index_with(dir.path(), &vectors(10_000, 5), exact);
+                    let index = index_with(dir.path(), &vectors(10_000, 5), path);
                     (dir, index)
                 },
                 |(dir, index)| {

@@ -175,6 +175,7 @@ fn hnsw_graph_search_is_exact_with_wide_ef() {
     let dir = tempfile::tempdir().unwrap();
     let params = HnswParams {
         exact_search_below: 0,
+        graph_above: 0,
         ef_search: 1000,
         background_build: false,
         ..HnswParams::default()
@@ -189,6 +190,7 @@ fn hnsw_recall_with_default_params() {
     let dir = tempfile::tempdir().unwrap();
     let params = HnswParams {
         exact_search_below: 0,
+        graph_above: 0,
         background_build: false,
         ..HnswParams::default()
     };
@@ -224,6 +226,7 @@ fn hnsw_recall_with_default_params() {
 fn small_params() -> HnswParams {
     HnswParams {
         exact_search_below: 0,
+        graph_above: 0,
         ef_search: 500,
         background_build: false,
         ..HnswParams::default()
@@ -293,6 +296,7 @@ fn automatic_snapshots_keep_the_state() {
     let params = HnswParams {
         snapshot_log_records: 7,
         exact_search_below: 20,
+        graph_above: 0,
         background_build: false,
         ..HnswParams::default()
     };
@@ -828,6 +832,7 @@ fn searches_run_during_inserts() {
     let dir = tempfile::tempdir().unwrap();
     let params = HnswParams {
         exact_search_below: 100,
+        graph_above: 0,
         snapshot_log_records: 30,
         ..HnswParams::default()
     };
@@ -906,6 +911,7 @@ fn searches_run_during_inserts() {
         dim,
         HnswParams {
             exact_search_below: 100,
+            graph_above: 0,
             ..HnswParams::default()
         },
     )
@@ -1060,4 +1066,72 @@ fn measure_open_time_recall_and_latency() {
             );
         }
     }
+}
+
+/// Between `exact_search_below` and `graph_above` the index scans int8
+/// copies and re-ranks exactly: the scores returned are exact, the recall
+/// against brute force near 1, across deletes, replacements and a reopen.
+#[test]
+fn int8_scan_recall_and_exact_scores() {
+    let (n, dim) = (4000, 64);
+    let dir = tempfile::tempdir().unwrap();
+    let params = || HnswParams {
+        exact_search_below: 0,
+        graph_above: usize::MAX,
+        background_build: false,
+        ..HnswParams::default()
+    };
+    let mut rng = StdRng::seed_from_u64(12);
+    let basis: Vec<Vec<f32>> = (0..16).map(|_| unit(&mut rng, dim)).collect();
+    let mut model = Model::default();
+    {
+        let index = HnswIndex::open(dir.path(), dim, params()).unwrap();
+        for c in 0..(n / 500) {
+            let items = (0..500)
+                .map(|i| {
+                    item(
+                        &format!("v{}", c * 500 + i),
+                        sample(&mut rng, &basis, dim),
+                        json!({}),
+                    )
+                })
+                .collect();
+            model.insert(&index, items);
+        }
+        for i in (0..n).step_by(7) {
+            model.delete(&index, &format!("v{i}"));
+        }
+        let items = (0..50)
+            .map(|i| {
+                item(
+                    &format!("v{}", i * 3),
+                    sample(&mut rng, &basis, dim),
+                    json!({"new": i}),
+                )
+            })
+            .collect();
+        model.insert(&index, items);
+    }
+    let index = HnswIndex::open(dir.path(), dim, params()).unwrap();
+    assert!(index.graph_ready(), "no graph below graph_above");
+    let mut found = 0;
+    let queries: Vec<Vec<f32>> = (0..100).map(|_| sample(&mut rng, &basis, dim)).collect();
+    for q in &queries {
+        let hits = index.search(q, 10).unwrap();
+        assert_eq!(hits.len(), 10);
+        let mut all: Vec<(f64, &String)> =
+            model.0.keys().map(|id| (model.score(id, q), id)).collect();
+        all.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let truth: Vec<&String> = all[..10].iter().map(|x| x.1).collect();
+        for h in &hits {
+            assert!(
+                (h.score as f64 - model.score(&h.id, q)).abs() < 1e-5,
+                "exact score"
+            );
+            assert_eq!(h.metadata, model.0[&h.id].1);
+        }
+        found += hits.iter().filter(|h| truth.contains(&&h.id)).count();
+    }
+    let recall = found as f64 / 1000.0;
+    assert!(recall >= 0.99, "recall@10 {recall}");
 }

@@ -9,13 +9,20 @@
 //! in-memory update. Snapshots read `state` under a read lock while searches
 //! go on.
 //!
+//! Search: exact (f32) up to `exact_search_below` items; then a scan of int8
+//! copies of the vectors with the best candidates re-ranked exactly (a
+//! quarter of the bytes, VNNI dot products: at 100k vectors on 2 cores p99
+//! ~2 ms and recall@10 ~1.0, where the graph gave 0.92 at p99 4.5 ms or 0.96
+//! at 6.3 ms); the graph only above `graph_above` items, where a scan gets
+//! slow.
+//!
 //! The graph is not persisted. It is built when the index grows past
-//! `exact_search_below` items: at open, when inserts cross that size, and after
+//! `graph_above` items: at open, when inserts cross that size, and after
 //! a compaction (which renumbers slots and drops tombstones). By default a
 //! background thread builds it from chunks of copied vectors, so open returns
-//! as soon as the data is loaded, writes go on, and searches are exact brute
-//! force until the graph is installed (under the writer lock, after catching up
-//! on the slots written meanwhile).
+//! as soon as the data is loaded, writes go on, and searches use the scan
+//! until the graph is installed (under the writer lock, after catching up on
+//! the slots written meanwhile).
 //!
 //! Crash safety, with `S` the snapshot's `last_seq` and log records numbered
 //! consecutively from the log's `base_seq + 1`:
@@ -53,9 +60,12 @@ pub struct HnswParams {
     pub ef_construction: usize,
     /// Candidate list size while searching; `max(ef_search, k)` is used.
     pub ef_search: usize,
-    /// With at most this many live items, search is exact brute force and no
-    /// graph is built.
+    /// With at most this many live items, search is exact brute force.
     pub exact_search_below: usize,
+    /// Above this many live items (and above `exact_search_below`) an HNSW
+    /// graph is built and searched; below, the int8 scan with exact
+    /// re-ranking is used.
+    pub graph_above: usize,
     /// A write snapshots the index once the log holds this many records...
     pub snapshot_log_records: u64,
     /// ...or this many bytes.
@@ -69,13 +79,21 @@ pub struct HnswParams {
     pub background_build: bool,
 }
 
+impl HnswParams {
+    /// Live items above which the graph is built and used.
+    fn graph_threshold(&self) -> usize {
+        self.graph_above.max(self.exact_search_below)
+    }
+}
+
 impl Default for HnswParams {
     fn default() -> Self {
         HnswParams {
             max_nb_connection: 24,
             ef_construction: 200,
             ef_search: 128,
-            exact_search_below: 50_000,
+            exact_search_below: 10_000,
+            graph_above: 1_000_000,
             snapshot_log_records: 20_000,
             snapshot_log_bytes: 64 << 20,
             rebuild_tombstone_fraction: 0.25,
@@ -259,7 +277,7 @@ impl HnswIndex {
     /// small enough for exact search).
     pub fn graph_ready(&self) -> bool {
         let st = self.inner.read();
-        st.graph.is_some() || st.store.live() <= self.inner.params.exact_search_below
+        st.graph.is_some() || st.store.live() <= self.inner.params.graph_threshold()
     }
 
     /// Blocks until [`Self::graph_ready`].
@@ -350,9 +368,7 @@ impl Inner {
     fn ensure_graph(self: &Arc<Self>, w: &mut Writer) {
         let generation = {
             let mut st = self.write();
-            if st.graph.is_some()
-                || st.building
-                || st.store.live() <= self.params.exact_search_below
+            if st.graph.is_some() || st.building || st.store.live() <= self.params.graph_threshold()
             {
                 return;
             }
@@ -591,14 +607,16 @@ impl VectorIndex for HnswIndex {
         if k == 0 {
             return Ok(Vec::new());
         }
-        // Brute force for small indexes, while the graph is being built, and
-        // for a k so large that the graph would visit most nodes anyway.
+        // Exact for small indexes; the int8 scan while the graph is being
+        // built, below `graph_above`, and for a k so large that the graph
+        // would visit most nodes anyway.
         let live = st.store.live();
         let top = match &st.graph {
-            Some(graph) if live > inner.params.exact_search_below && k <= live / 4 => {
+            _ if live <= inner.params.exact_search_below => st.store.brute_force(&q, k),
+            Some(graph) if live > inner.params.graph_threshold() && k <= live / 4 => {
                 inner.graph_search(graph, &st.store, &q, k)
             }
-            _ => st.store.brute_force(&q, k),
+            _ => st.store.quantized_search(&q, k),
         };
         Ok(st.store.hits(top))
     }

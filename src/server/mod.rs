@@ -196,6 +196,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics::metrics))
         .fallback(|| async { error::ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(limit, refuse_announced_oversize))
         .with_state(state.clone());
     Router::new()
         .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::spec()))
@@ -204,6 +205,31 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.metrics.clone(),
             metrics::track,
         ))
+}
+
+/// Answers 413 at once when `Content-Length` announces more than the limit,
+/// before any of the body is read (the body limit alone would read up to
+/// the limit first).
+async fn refuse_announced_oversize(
+    axum::extract::State(limit): axum::extract::State<usize>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let announced = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match announced {
+        Some(n) if n > limit as u64 => error::ApiError::new(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is {n} bytes, more than the {limit} allowed"),
+        )
+        .into_response(),
+        _ => next.run(req).await,
+    }
 }
 
 /// A server bound to its address, running in the background.

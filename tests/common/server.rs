@@ -86,6 +86,68 @@ impl Http {
         }
     }
 
+    /// A POST of headers only, announcing `content_length` bytes that are
+    /// never sent: a server that refuses the size must answer without reading
+    /// a body (no race between its early answer and our write). The response
+    /// is read on a raw socket.
+    pub fn post_announced(&self, path: &str, content_type: &str, content_length: usize) -> Resp {
+        use std::io::Write;
+        let addr = self.base.trim_start_matches("http://");
+        let mut sock = std::net::TcpStream::connect(addr).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        write!(
+            sock,
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\n\
+             Content-Length: {content_length}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            match sock.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    raw.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&raw);
+                    if let Some(h) = text.find("\r\n\r\n") {
+                        let len = text[..h]
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse::<usize>().ok())?
+                            })
+                            .unwrap_or(0);
+                        if raw.len() >= h + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                Err(e) => panic!("reading the answer to {path}: {e}"),
+            }
+        }
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let header = |n: &str| {
+            head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case(n).then(|| v.trim().to_string())
+            })
+        };
+        Resp {
+            status,
+            retry_after: header("retry-after"),
+            content_type: header("content-type").unwrap_or_default(),
+            text: body.to_string(),
+        }
+    }
+
     /// A GET whose body is bytes: status, content type, body.
     pub fn get_bytes(&self, path: &str) -> (u16, String, Vec<u8>) {
         let mut r = self
