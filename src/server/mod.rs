@@ -196,7 +196,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics::metrics))
         .fallback(|| async { error::ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(limit))
-        .layer(axum::middleware::from_fn_with_state(limit, refuse_announced_oversize))
+        .layer(axum::middleware::from_fn_with_state(
+            limit,
+            refuse_announced_oversize,
+        ))
         .with_state(state.clone());
     Router::new()
         .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::spec()))
