@@ -958,6 +958,9 @@ def main():
         log(f"== wrote {a.json}")
     if not agree["ok"]:
         sys.exit("capivara and open_clip disagree: the figures above are not comparable")
+    q = agree.get("capivara_int8")
+    if q and min(q["text_min_cos"], q["image_min_cos"]) < 0.99:
+        sys.exit("capivara --quantize int8 is below cosine 0.99 to open_clip fp32: its figures do not count")
 
 
 if __name__ == "__main__":

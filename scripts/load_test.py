@@ -191,8 +191,9 @@ def main():
                 results["phases"].append(r)
                 print(json.dumps(r), flush=True)
         if a.model:
+            same = [x for x in a.server_arg if x.startswith(("--quantize", "--dtype", "--device"))]
             out = subprocess.run([a.capivara, "bench", "--model", a.model, "--tower", "image",
-                                  "--batch", "32", "--seconds", "5"], check=True,
+                                  "--batch", "32", "--seconds", "5", *same], check=True,
                                  capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             raw = json.loads(out.stdout)["rows"][0]["per_second"]
             results["raw_image_per_s_batch32"] = raw
@@ -201,6 +202,20 @@ def main():
                 if r["path"] == "/classify":
                     print(f"/classify at concurrency {r['concurrency']}: "
                           f"{r['req_per_s'] / raw:.2f}x the raw batched image throughput")
+        if proc:
+            # Peak resident memory of the server over the whole test, against
+            # the size of the weights it loaded.
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            hwm = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
+            weights = sum(f.stat().st_size for f in Path(a.model).glob("*.safetensors")
+                          if "reference" not in f.name) if Path(a.model).is_dir() else 0
+            results["server_peak_rss_bytes"] = hwm
+            results["weights_bytes"] = weights
+            line = {"server_peak_rss_mb": round(hwm / 2**20, 1)}
+            if weights:
+                line["weights_mb"] = round(weights / 2**20, 1)
+                line["rss_over_weights"] = round(hwm / weights, 2)
+            print(json.dumps(line))
         if a.json:
             Path(a.json).write_text(json.dumps(results, indent=2))
     finally:
