@@ -230,6 +230,20 @@ pub struct Embedder {
     text: Batcher<String>,
     image: Batcher<Vec<f32>>,
     labels: Mutex<LabelCache>,
+    /// Requests decoding images now, and the most allowed (the image queue's
+    /// capacity): beyond it a request is refused before its decode, so that
+    /// an overload is answered at once and its images never held in memory.
+    decoding: Arc<AtomicUsize>,
+    max_decoding: usize,
+}
+
+/// A place among the requests decoding images; freed on drop.
+pub struct DecodeSlot(Arc<AtomicUsize>);
+
+impl Drop for DecodeSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Embedder {
@@ -263,7 +277,19 @@ impl Embedder {
             text,
             image,
             labels: Mutex::new(lru::LruCache::new(cap)),
+            decoding: Arc::new(AtomicUsize::new(0)),
+            max_decoding: cfg.queue_capacity.max(1),
         }
+    }
+
+    /// A place for one request to decode its images, or `Overloaded` when
+    /// as many requests as the image queue holds are decoding already.
+    pub fn decode_slot(&self) -> Result<DecodeSlot, EngineError> {
+        if self.decoding.fetch_add(1, Ordering::SeqCst) >= self.max_decoding {
+            self.decoding.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::Overloaded("image"));
+        }
+        Ok(DecodeSlot(self.decoding.clone()))
     }
 
     pub fn pipeline(&self) -> &Pipeline {

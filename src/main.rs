@@ -84,6 +84,13 @@ struct ServeArgs {
     /// Prompt templates, one per line with `{}` for the label (default: Portuguese set).
     #[arg(long, env = "CAPIVARA_TEMPLATES")]
     templates: Option<PathBuf>,
+    /// Origins whose pages may call the API (CORS), comma separated, e.g.
+    /// `https://fotos.example.com`; `*` for any. Default: none.
+    #[arg(long, env = "CAPIVARA_CORS_ORIGINS", value_delimiter = ',')]
+    cors_origins: Vec<String>,
+    /// Longest time, in seconds, a request may take (its upload included); then 408.
+    #[arg(long, env = "CAPIVARA_REQUEST_TIMEOUT_SECS", default_value_t = 60.0)]
+    request_timeout_secs: f64,
 }
 
 #[cfg(feature = "server")]
@@ -361,6 +368,21 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     cfg.limits.max_body_bytes = args.max_body_bytes;
     cfg.limits.max_pixels = args.max_image_pixels;
     cfg.api_key = args.api_key.filter(|k| !k.is_empty());
+    cfg.cors_origins = args
+        .cors_origins
+        .iter()
+        .map(|o| o.trim().to_string())
+        .filter(|o| !o.is_empty())
+        .collect();
+    for o in &cfg.cors_origins {
+        if o != "*" && axum::http::HeaderValue::from_str(o).is_err() {
+            anyhow::bail!("--cors-origins: {o:?} is not a valid origin");
+        }
+    }
+    if !(args.request_timeout_secs > 0.0 && args.request_timeout_secs.is_finite()) {
+        anyhow::bail!("--request-timeout-secs must be a positive number of seconds");
+    }
+    cfg.request_timeout = std::time::Duration::from_secs_f64(args.request_timeout_secs);
     cfg.templates = match &args.templates {
         Some(path) => {
             let text = std::fs::read_to_string(path)

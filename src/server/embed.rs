@@ -15,6 +15,8 @@ use super::AppState;
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EmbedTextRequest {
+    /// 1 to 256 texts.
+    #[schema(min_items = 1, max_items = 256)]
     pub texts: Vec<String>,
 }
 

@@ -255,7 +255,7 @@ pub async fn ingest(
 
 /// An indexed image's metadata.
 #[utoipa::path(get, path = "/images/{id}", tag = "images",
-    params(("id" = String, Path, description = "The image id")),
+    params(("id" = String, Path, description = "The image id: 1-128 characters of A-Z a-z 0-9 . _ -", pattern = r"^[A-Za-z0-9._-]{1,128}$")),
     responses(
         (status = 200, description = "The image's metadata", body = ImageInfo),
         (status = 400, description = "Invalid id", body = ErrorBody),
@@ -274,7 +274,7 @@ pub async fn get_image(
 
 /// Removes an image from the index (durable when answered).
 #[utoipa::path(delete, path = "/images/{id}", tag = "images",
-    params(("id" = String, Path, description = "The image id")),
+    params(("id" = String, Path, description = "The image id: 1-128 characters of A-Z a-z 0-9 . _ -", pattern = r"^[A-Za-z0-9._-]{1,128}$")),
     responses(
         (status = 200, description = "Deleted", body = Deleted),
         (status = 400, description = "Invalid id", body = ErrorBody),
@@ -314,7 +314,7 @@ pub struct Jpeg(Vec<u8>);
 /// The image's thumbnail: a JPEG whose longest side is at most 256 pixels,
 /// made at ingest.
 #[utoipa::path(get, path = "/images/{id}/thumbnail", tag = "images",
-    params(("id" = String, Path, description = "The image id")),
+    params(("id" = String, Path, description = "The image id: 1-128 characters of A-Z a-z 0-9 . _ -", pattern = r"^[A-Za-z0-9._-]{1,128}$")),
     responses(
         (status = 200, description = "The thumbnail", content_type = "image/jpeg", body = Jpeg),
         (status = 400, description = "Invalid id", body = ErrorBody),

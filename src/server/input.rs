@@ -203,9 +203,11 @@ async fn preprocess_each<T: Send + 'static>(
     images: Vec<Vec<u8>>,
     f: fn(&crate::engine::Embedder, &[u8]) -> Result<T, crate::Error>,
 ) -> Result<Vec<T>, ApiError> {
+    let embedder = state.loaded()?.embedder.clone();
+    let _slot = embedder.decode_slot()?;
     let mut tasks = Vec::with_capacity(images.len());
     for bytes in images {
-        let embedder = state.loaded()?.embedder.clone();
+        let embedder = embedder.clone();
         tasks.push(tokio::task::spawn_blocking(move || f(&embedder, &bytes)));
     }
     let mut out = Vec::with_capacity(tasks.len());

@@ -80,6 +80,12 @@ pub struct ServeConfig {
     pub api_key: Option<String>,
     pub templates: Vec<String>,
     pub hnsw: HnswParams,
+    /// Origins allowed to call the API from a browser page served elsewhere
+    /// (CORS); empty: none (the default: only the page at `/`, same origin);
+    /// `*`: any.
+    pub cors_origins: Vec<String>,
+    /// Longest time a request may take, body upload included; then 408.
+    pub request_timeout: std::time::Duration,
 }
 
 impl ServeConfig {
@@ -97,6 +103,8 @@ impl ServeConfig {
             api_key: None,
             templates: DEFAULT_TEMPLATES.iter().map(|s| s.to_string()).collect(),
             hnsw: HnswParams::default(),
+            cors_origins: Vec::new(),
+            request_timeout: std::time::Duration::from_secs(60),
         }
     }
 }
@@ -177,6 +185,7 @@ impl AppState {
 /// The routes.
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.config.limits.max_body_bytes;
+    let timeout = state.config.request_timeout;
     let api = Router::new()
         .route("/", get(page::index))
         .route("/app.js", get(page::app))
@@ -201,13 +210,68 @@ pub fn router(state: Arc<AppState>) -> Router {
             refuse_announced_oversize,
         ))
         .with_state(state.clone());
-    Router::new()
+    let app = Router::new()
         .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::spec()))
         .merge(api)
-        .layer(axum::middleware::from_fn_with_state(
-            state.metrics.clone(),
-            metrics::track,
-        ))
+        .layer(axum::middleware::from_fn_with_state(timeout, time_limit));
+    let app = match cors_layer(&state.config.cors_origins) {
+        Some(cors) => app.layer(cors),
+        None => app,
+    };
+    app.layer(axum::middleware::from_fn_with_state(
+        state.metrics.clone(),
+        metrics::track,
+    ))
+}
+
+/// The CORS layer for the configured origins, if any: simple and preflight
+/// requests from those origins may call every route with any method and the
+/// `Authorization` and `Content-Type` headers. Without it browsers keep pages
+/// of other origins from reading any answer (and from sending JSON at all).
+fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{header, HeaderValue, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok())
+                .collect::<Vec<_>>(),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::DELETE])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
+}
+
+/// Answers 408 when a request (reading its body included) takes longer than
+/// the limit. Work already handed to the model or the index finishes (an
+/// ingest may then be applied though its answer was lost: posting it again
+/// with the same ids is harmless), nothing is left half-written.
+async fn time_limit(
+    axum::extract::State(limit): axum::extract::State<std::time::Duration>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => error::ApiError::new(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("the request took longer than {} s", limit.as_secs_f64()),
+        )
+        .into_response(),
+    }
 }
 
 /// Answers 413 at once when `Content-Length` announces more than the limit,

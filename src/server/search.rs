@@ -27,6 +27,7 @@ pub struct SearchRequest {
     pub image: Option<String>,
     /// How many results, 1..=1000.
     #[serde(default = "default_k")]
+    #[schema(minimum = 1, maximum = 1000)]
     pub k: usize,
 }
 

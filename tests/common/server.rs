@@ -183,6 +183,49 @@ impl Http {
         Self::finish(req.call())
     }
 
+    /// A JSON POST that may fail at the transport level (a killed server):
+    /// `None` then.
+    pub fn try_post_json(&self, path: &str, body: &Value) -> Option<Resp> {
+        let r = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Content-Type", "application/json")
+            .send(body.to_string().as_bytes());
+        r.is_ok().then(|| Self::finish(r))
+    }
+
+    /// A DELETE that may fail at the transport level: `None` then.
+    pub fn try_delete(&self, path: &str) -> Option<Resp> {
+        let r = self.agent.delete(format!("{}{path}", self.base)).call();
+        r.is_ok().then(|| Self::finish(r))
+    }
+
+    /// Any request with extra headers: the status and every response header
+    /// (names lower-case).
+    pub fn request_headers(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, std::collections::HashMap<String, String>) {
+        let mut req = ureq::http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let r = self
+            .agent
+            .run(req.body(()).unwrap())
+            .expect("request failed at the transport level");
+        let h = r
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        (r.status().as_u16(), h)
+    }
+
     pub fn post_json(&self, path: &str, body: &Value) -> Resp {
         self.post_raw(
             path,

@@ -1,0 +1,7 @@
+#![no_main]
+//! `cargo fuzz run index_log` (see fuzz/README.md).
+
+#[path = "../harness.rs"]
+mod harness;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| harness::index_log(data));
