@@ -266,14 +266,18 @@ pub fn index_log(data: &[u8]) {
         _ => bytes.len(),
     };
     bytes.truncate(cut);
-    let mut first_damage = bytes.len();
     for pair in rest.get(2..).unwrap_or(&[]).chunks_exact(3) {
         let pos = u16::from_le_bytes([pair[0], pair[1]]) as usize;
-        if pos < bytes.len() && pair[2] != 0 {
+        if pos < bytes.len() {
             bytes[pos] ^= pair[2];
-            first_damage = first_damage.min(pos);
         }
     }
+    // (Two flips of one byte cancel: compare with the original.)
+    let first_damage = bytes
+        .iter()
+        .zip(log)
+        .position(|(a, b)| a != b)
+        .unwrap_or(bytes.len());
     let intact = ends.iter().filter(|&&e| e <= first_damage).count();
     match open(dir.path(), &bytes) {
         Ok(index) => {

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 use super::error::{ApiError, ErrorBody};
 use super::input::{
     decode_base64, field_bytes, field_text, next_field, parse_json, preprocess_with_thumbnails,
-    require_key, Payload,
+    require_key, IdPath, Payload,
 };
 use super::AppState;
 use crate::index::{validate_id, IndexError, Item};
@@ -263,7 +263,7 @@ pub async fn ingest(
     ))]
 pub async fn get_image(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> Result<Json<ImageInfo>, ApiError> {
     validate_id(&id)?;
     match state.loaded()?.index.get(&id) {
@@ -286,7 +286,7 @@ pub async fn get_image(
 pub async fn delete_image(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> Result<Json<Deleted>, ApiError> {
     require_key(&state, &headers)?;
     validate_id(&id)?;
@@ -322,7 +322,7 @@ pub struct Jpeg(Vec<u8>);
     ))]
 pub async fn get_thumbnail(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
     validate_id(&id)?;

@@ -225,6 +225,27 @@ async fn preprocess_each<T: Send + 'static>(
     Ok(out)
 }
 
+/// The `{id}` of a path, with a JSON 400 when it cannot be read (percent-
+/// encoded bytes that are not UTF-8; axum's own rejection is plain text).
+pub struct IdPath(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<String>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(id)) => Ok(IdPath(id)),
+            Err(e) => Err(ApiError::bad_request(
+                "invalid_id",
+                format!("the id in the path cannot be read: {}", e.body_text()),
+            )),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
