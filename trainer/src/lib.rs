@@ -10,7 +10,8 @@
 //! - [`fit`]: the training loop, checkpoints and resume;
 //! - [`merge`]: LoRA folded into the base weights, written as a model directory;
 //! - [`eval`]: retrieval recall and zero-shot accuracy;
-//! - [`synth`]: a synthetic captioned dataset to try all of it.
+//! - [`synth`]: a synthetic captioned dataset to try all of it;
+//! - [`prune`]: vocabulary pruning to the tokens a corpus uses.
 
 pub mod data;
 pub mod dataset;
@@ -21,4 +22,5 @@ pub mod loss;
 pub mod merge;
 pub mod model;
 pub mod optim;
+pub mod prune;
 pub mod synth;

@@ -64,6 +64,21 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Keep only the tokens a corpus uses (and the special tokens): a smaller
+    /// model directory with the same embeddings for any text made of the
+    /// corpus's words.
+    PruneVocab {
+        /// The model to prune.
+        #[arg(long, env = "CAPIVARA_MODEL", default_value = capivara::model::weights::DEFAULT_MODEL)]
+        model: String,
+        /// Text files, one text per line (repeatable), e.g. the captions the
+        /// deployment will see and the labels it will classify with.
+        #[arg(long, required = true)]
+        corpus: Vec<PathBuf>,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Evaluate a model: retrieval recall@1/5/10 both ways on shards, or
     /// zero-shot top-1 on a folder of labelled images.
     Eval {
@@ -370,6 +385,18 @@ fn run_merge(model: &str, lora: &Path, out: &Path) -> anyhow::Result<serde_json:
     }))
 }
 
+fn run_prune(model: &str, corpus: &[PathBuf], out: &Path) -> anyhow::Result<serde_json::Value> {
+    let files = capivara::model::weights::resolve(model)?;
+    let mut texts = Vec::new();
+    for path in corpus {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading the corpus {}: {e}", path.display()))?;
+        texts.extend(text.lines().map(str::to_string));
+    }
+    let report = capivara_trainer::prune::prune_vocab(&files, &texts, out)?;
+    Ok(serde_json::to_value(report)?)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_eval(
     m: &ModelArgs,
@@ -435,6 +462,7 @@ fn main() -> std::process::ExitCode {
         } => run_features(&model, &shards, &out, batch_size),
         Command::Fit(a) => run_fit(*a),
         Command::Merge { model, lora, out } => run_merge(&model, &lora, &out),
+        Command::PruneVocab { model, corpus, out } => run_prune(&model, &corpus, &out),
         Command::Eval {
             model,
             shards,
