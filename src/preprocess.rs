@@ -239,7 +239,19 @@ impl Preprocessor {
         // its own buffers.
         limits.max_alloc = Some(pixels * 8 + (64 << 20));
         r.limits(limits);
-        let img = r.decode().map_err(|e| match e {
+        // A decoder bug must be a bad image, not a crash: the png crate
+        // panicked on a palette shorter than its indices (found by fuzzing,
+        // fuzz/regressions/preprocess/crash-png-short-palette).
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| r.decode()))
+            .map_err(|payload| {
+                let msg = payload
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                Error::ImageDecode(format!("the {format:?} decoder failed: {msg}"))
+            })?;
+        let img = decoded.map_err(|e| match e {
             image::ImageError::Limits(l) => {
                 Error::ImageDecode(format!("over the decoding limits: {l}"))
             }
