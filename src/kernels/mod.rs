@@ -93,6 +93,39 @@ fn pool_rows() -> usize {
     })
 }
 
+/// Store masks of the two 16-lane halves of a 32-column AVX-512 panel that
+/// holds `ncols` (1..=32) valid columns.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn panel_masks(ncols: usize) -> (u16, u16) {
+    let m0 = if ncols >= 16 {
+        0xFFFF
+    } else {
+        (1u16 << ncols) - 1
+    };
+    let m1 = if ncols <= 16 {
+        0
+    } else if ncols >= 32 {
+        0xFFFF
+    } else {
+        ((1u32 << (ncols - 16)) - 1) as u16
+    };
+    (m0, m1)
+}
+
+/// Uniform values in [-1, 1) from a seed (xorshift), for the kernels' tests.
+#[cfg(test)]
+pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
 /// The pool the CPU kernels run on: one thread per core.
 pub fn pool() -> &'static rayon::ThreadPool {
     static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();

@@ -343,18 +343,7 @@ unsafe fn kq<const R: usize>(
     } else {
         (zero, zero)
     };
-    let m0: __mmask16 = if ncols >= 16 {
-        0xFFFF
-    } else {
-        (1u16 << ncols) - 1
-    };
-    let m1: __mmask16 = if ncols <= 16 {
-        0
-    } else if ncols >= 32 {
-        0xFFFF
-    } else {
-        ((1u32 << (ncols - 16)) - 1) as u16
-    };
+    let (m0, m1) = super::panel_masks(ncols);
     for r in 0..R {
         let z = _mm512_set1_epi32(q.zeros[row0 + r]);
         let t = _mm512_set1_ps(q.scales[row0 + r]);
@@ -371,17 +360,7 @@ unsafe fn kq<const R: usize>(
 mod tests {
     use super::*;
 
-    fn rand(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::kernels::test_values as rand;
 
     /// The kernel computes exactly the product of the dequantized operands
     /// (up to f32 rounding), on awkward shapes and both epilogues; and the

@@ -261,16 +261,7 @@ unsafe fn k512<const R: usize>(
             _mm512_storeu_ps(c.add(r * ldc + 16), hi[r]);
         }
     } else {
-        let m0: __mmask16 = if ncols >= 16 {
-            0xFFFF
-        } else {
-            (1u16 << ncols) - 1
-        };
-        let m1: __mmask16 = if ncols <= 16 {
-            0
-        } else {
-            ((1u32 << (ncols - 16)) - 1) as u16
-        };
+        let (m0, m1) = super::panel_masks(ncols);
         for r in 0..R {
             _mm512_mask_storeu_ps(c.add(r * ldc), m0, lo[r]);
             _mm512_mask_storeu_ps(c.add(r * ldc + 16), m1, hi[r]);
@@ -346,17 +337,7 @@ mod tests {
         c
     }
 
-    fn rand(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::kernels::test_values as rand;
 
     /// Every shape class: rows below, at and above the micro-kernel and the
     /// row block, partial panels, one and many threads, with and without
