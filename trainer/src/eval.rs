@@ -262,39 +262,6 @@ fn embed_texts(pipeline: &Pipeline, texts: &[String], chunk: usize) -> anyhow::R
     })
 }
 
-/// Embeds encoded images in chunks; an image that does not decode is
-/// skipped and reported by its index.
-fn embed_images(
-    pipeline: &Pipeline,
-    images: &[Vec<u8>],
-    chunk: usize,
-) -> anyhow::Result<(Option<Tensor>, Vec<usize>)> {
-    let mut rows = Vec::new();
-    let mut bad = Vec::new();
-    for (ci, c) in images.chunks(chunk.max(1)).enumerate() {
-        let mut pixels = Vec::new();
-        for (j, bytes) in c.iter().enumerate() {
-            match pipeline.preprocessor.preprocess(bytes) {
-                Ok(p) => pixels.push(p),
-                Err(_) => bad.push(ci * chunk.max(1) + j),
-            }
-        }
-        if pixels.is_empty() {
-            continue;
-        }
-        let t = pipeline
-            .preprocessor
-            .batch(&pixels, pipeline.clip.device())?;
-        rows.push(pipeline.clip.encode_image(&t)?.to_device(&Device::Cpu)?);
-    }
-    let t = if rows.is_empty() {
-        None
-    } else {
-        Some(Tensor::cat(&rows, 0)?)
-    };
-    Ok((t, bad))
-}
-
 /// Retrieval on webdataset shards: every sample's original captions (its
 /// generated ones when it has none) against its image. Image embeddings come
 /// from `features` when given (as written by `features`), else from the model.
@@ -324,7 +291,7 @@ pub fn eval_shards(
                 skipped += k.total();
             }
             let bytes: Vec<Vec<u8>> = samples.iter().map(|s| s.image.clone()).collect();
-            let (emb, bad) = embed_images(pipeline, &bytes, chunk)?;
+            let (emb, bad) = crate::features::embed_images(pipeline, &bytes, chunk)?;
             let emb = emb.ok_or_else(|| anyhow::anyhow!("no decodable image in the shards"))?;
             skipped += bad.len();
             let mut texts = Vec::new();
@@ -380,7 +347,7 @@ pub fn eval_zero_shot(
         .iter()
         .map(|(p, _)| std::fs::read(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display())))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let (emb, bad) = embed_images(pipeline, &bytes, chunk)?;
+    let (emb, bad) = crate::features::embed_images(pipeline, &bytes, chunk)?;
     let emb = emb.ok_or_else(|| anyhow::anyhow!("no decodable image under {}", dir.display()))?;
     let truth: Vec<usize> = set
         .images

@@ -49,34 +49,25 @@ pub fn write_features(
     name: &str,
     shard: &Path,
 ) -> anyhow::Result<FeatureStats> {
-    let mut stats = FeatureStats::default();
-    let mut keys = Vec::with_capacity(samples.len());
-    let mut rows: Vec<Tensor> = Vec::new();
-    for chunk in samples.chunks(batch.max(1)) {
-        let mut pixels = Vec::with_capacity(chunk.len());
-        for s in chunk {
-            match pipeline.preprocessor.preprocess(&s.image) {
-                Ok(p) => {
-                    pixels.push(p);
-                    keys.push(s.key.clone());
-                }
-                Err(_) => stats.undecodable += 1,
-            }
-        }
-        if pixels.is_empty() {
-            continue;
-        }
-        let t = pipeline
-            .preprocessor
-            .batch(&pixels, pipeline.clip.device())?;
-        rows.push(pipeline.clip.encode_image(&t)?.to_device(&Device::Cpu)?);
-    }
+    let images: Vec<&[u8]> = samples.iter().map(|s| s.image.as_slice()).collect();
+    let (emb, bad) = embed_images(pipeline, &images, batch)?;
+    let mut stats = FeatureStats {
+        undecodable: bad.len(),
+        ..FeatureStats::default()
+    };
+    // `bad` is ascending: the keys of the images that were embedded, in order.
+    let mut bad = bad.into_iter().peekable();
+    let keys: Vec<String> = samples
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| bad.next_if_eq(i).is_none())
+        .map(|(_, s)| s.key.clone())
+        .collect();
     stats.embedded = keys.len();
     let dim = pipeline.clip.embed_dim();
-    let emb = if rows.is_empty() {
-        Tensor::zeros((0, dim), candle_core::DType::F32, &Device::Cpu)?
-    } else {
-        Tensor::cat(&rows, 0)?
+    let emb = match emb {
+        Some(t) => t,
+        None => Tensor::zeros((0, dim), candle_core::DType::F32, &Device::Cpu)?,
     };
     std::fs::create_dir_all(out)?;
     let (st, kj) = feature_paths(out, name);
@@ -98,6 +89,39 @@ pub fn write_features(
     std::fs::rename(&kj_tmp, &kj)?;
     std::fs::rename(&st_tmp, &st)?;
     Ok(stats)
+}
+
+/// Embeds encoded images in chunks; an image that does not decode is
+/// skipped and reported by its index.
+pub fn embed_images<B: AsRef<[u8]>>(
+    pipeline: &Pipeline,
+    images: &[B],
+    chunk: usize,
+) -> anyhow::Result<(Option<Tensor>, Vec<usize>)> {
+    let mut rows = Vec::new();
+    let mut bad = Vec::new();
+    for (ci, c) in images.chunks(chunk.max(1)).enumerate() {
+        let mut pixels = Vec::new();
+        for (j, bytes) in c.iter().enumerate() {
+            match pipeline.preprocessor.preprocess(bytes.as_ref()) {
+                Ok(p) => pixels.push(p),
+                Err(_) => bad.push(ci * chunk.max(1) + j),
+            }
+        }
+        if pixels.is_empty() {
+            continue;
+        }
+        let t = pipeline
+            .preprocessor
+            .batch(&pixels, pipeline.clip.device())?;
+        rows.push(pipeline.clip.encode_image(&t)?.to_device(&Device::Cpu)?);
+    }
+    let t = if rows.is_empty() {
+        None
+    } else {
+        Some(Tensor::cat(&rows, 0)?)
+    };
+    Ok((t, bad))
 }
 
 /// Reads a shard's features back: the index and `(n, dim)` embeddings.
