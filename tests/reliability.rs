@@ -562,3 +562,37 @@ fn walk(dir: &Path) -> Vec<String> {
     }
     out
 }
+
+/// Bad values of the new security flags stop the start with a clear message
+/// instead of serving with a surprising setting.
+#[test]
+fn bad_timeout_or_cors_flags_refuse_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, says) in [
+        (
+            vec!["--request-timeout-secs", "0"],
+            "--request-timeout-secs",
+        ),
+        (vec!["--request-timeout-secs=-3"], "--request-timeout-secs"),
+        (
+            vec!["--cors-origins", "https://a.example\u{1}"],
+            "--cors-origins",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_capivara"))
+            .arg("serve")
+            .arg("--model")
+            .arg(tiny_dir())
+            .arg("--addr")
+            .arg(format!("127.0.0.1:{}", free_port()))
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(&args)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} started");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
