@@ -262,76 +262,130 @@ fn embed_texts(pipeline: &Pipeline, texts: &[String], chunk: usize) -> anyhow::R
     })
 }
 
-/// Retrieval on webdataset shards: every sample's original captions (its
-/// generated ones when it has none) against its image. Image embeddings come
-/// from `features` when given (as written by `features`), else from the model.
+/// A held-out retrieval set: image embeddings, every caption and its image.
+pub struct ShardSet {
+    pub images: Tensor,
+    pub texts: Vec<String>,
+    pub owner: Vec<usize>,
+    /// Samples left out (unreadable, no caption, undecodable image).
+    pub skipped: usize,
+}
+
+/// Every sample's original captions (its generated ones when it has none)
+/// against its image. Image embeddings come from `features` when given (as
+/// written by `features`), else from the model.
+pub fn shard_set(
+    pipeline: &Pipeline,
+    shards: &[PathBuf],
+    features: Option<&Path>,
+    chunk: usize,
+) -> anyhow::Result<ShardSet> {
+    if let Some(dir) = features {
+        let set = crate::dataset::FeatureSet::load(shards, dir)?;
+        let v = crate::fit::ValSet::new(&set)?;
+        return Ok(ShardSet {
+            images: v.images,
+            texts: v.texts,
+            owner: v.owner,
+            skipped: set.skipped.total() + set.without_features,
+        });
+    }
+    let mut samples = Vec::new();
+    let mut skipped = 0;
+    for s in shards {
+        let (ss, k) = crate::data::read_source(s, true);
+        samples.extend(ss);
+        skipped += k.total();
+    }
+    let bytes: Vec<Vec<u8>> = samples.iter().map(|s| s.image.clone()).collect();
+    let (emb, bad) = crate::features::embed_images(pipeline, &bytes, chunk)?;
+    let images = emb.ok_or_else(|| anyhow::anyhow!("no decodable image in the shards"))?;
+    skipped += bad.len();
+    let mut texts = Vec::new();
+    let mut owner = Vec::new();
+    let good = samples
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !bad.contains(i))
+        .map(|(_, s)| s);
+    for (row, s) in good.enumerate() {
+        let caps = if s.captions.is_empty() {
+            &s.generated
+        } else {
+            &s.captions
+        };
+        for c in caps {
+            texts.push(c.clone());
+            owner.push(row);
+        }
+    }
+    Ok(ShardSet {
+        images,
+        texts,
+        owner,
+        skipped,
+    })
+}
+
+/// Retrieval on webdataset shards (see [`shard_set`]).
 pub fn eval_shards(
     pipeline: &Pipeline,
     shards: &[PathBuf],
     features: Option<&Path>,
     chunk: usize,
 ) -> anyhow::Result<(RetrievalReport, usize)> {
-    let (images, texts, owner, skipped) = match features {
-        Some(dir) => {
-            let set = crate::dataset::FeatureSet::load(shards, dir)?;
-            let v = crate::fit::ValSet::new(&set)?;
-            (
-                v.images,
-                v.texts,
-                v.owner,
-                set.skipped.total() + set.without_features,
-            )
-        }
-        None => {
-            let mut samples = Vec::new();
-            let mut skipped = 0;
-            for s in shards {
-                let (ss, k) = crate::data::read_source(s, true);
-                samples.extend(ss);
-                skipped += k.total();
-            }
-            let bytes: Vec<Vec<u8>> = samples.iter().map(|s| s.image.clone()).collect();
-            let (emb, bad) = crate::features::embed_images(pipeline, &bytes, chunk)?;
-            let emb = emb.ok_or_else(|| anyhow::anyhow!("no decodable image in the shards"))?;
-            skipped += bad.len();
-            let mut texts = Vec::new();
-            let mut owner = Vec::new();
-            let good = samples
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| !bad.contains(i))
-                .map(|(_, s)| s);
-            for (row, s) in good.enumerate() {
-                let caps = if s.captions.is_empty() {
-                    &s.generated
-                } else {
-                    &s.captions
-                };
-                for c in caps {
-                    texts.push(c.clone());
-                    owner.push(row);
-                }
-            }
-            (emb, texts, owner, skipped)
-        }
-    };
-    let t = embed_texts(pipeline, &texts, chunk)?;
-    Ok((retrieval(&images, &t, &owner)?, skipped))
+    let set = shard_set(pipeline, shards, features, chunk)?;
+    let t = embed_texts(pipeline, &set.texts, chunk)?;
+    Ok((retrieval(&set.images, &t, &set.owner)?, set.skipped))
 }
 
-/// Zero-shot classification of `DIR/<class>/*` with `labels.txt`: class
-/// embeddings from the prompt templates, top-1/top-5 accuracy.
-pub fn eval_zero_shot(
+/// A zero-shot set embedded by one model.
+pub struct ZeroShotSet {
+    pub images: Tensor,
+    /// One mean prompt embedding per class.
+    pub classes: Tensor,
+    pub truth: Vec<usize>,
+    pub labels: Vec<String>,
+    /// Every prompt, label by label.
+    pub prompts: Vec<String>,
+    pub undecodable: usize,
+}
+
+impl ZeroShotSet {
+    pub fn report(&self) -> anyhow::Result<ZeroShotReport> {
+        zero_shot(
+            &self.images,
+            &self.classes,
+            &self.truth,
+            &self.labels,
+            self.undecodable,
+        )
+    }
+
+    /// The top-1 class of each image.
+    pub fn predictions(&self) -> anyhow::Result<Vec<u32>> {
+        Ok(self
+            .images
+            .to_device(&Device::Cpu)?
+            .matmul(&self.classes.to_device(&Device::Cpu)?.t()?)?
+            .argmax(1)?
+            .to_vec1::<u32>()?)
+    }
+}
+
+/// Class embeddings from the prompt templates and the images' embeddings.
+pub fn zero_shot_set(
     pipeline: &Pipeline,
     dir: &Path,
     labels_file: &Path,
     templates: &[String],
     chunk: usize,
-) -> anyhow::Result<ZeroShotReport> {
+) -> anyhow::Result<ZeroShotSet> {
     anyhow::ensure!(!templates.is_empty(), "no prompt templates");
     let set = labelled_images(dir, labels_file)?;
     anyhow::ensure!(!set.images.is_empty(), "{}: no images", dir.display());
     let mut class_rows = Vec::new();
+    let mut all_prompts = Vec::new();
     for l in &set.labels {
         let prompts: Vec<String> = templates
             .iter()
@@ -339,6 +393,7 @@ pub fn eval_zero_shot(
             .collect();
         let e = embed_texts(pipeline, &prompts, chunk)?.to_vec2::<f32>()?;
         class_rows.push(capivara::zeroshot::mean_normalized(&e));
+        all_prompts.extend(prompts);
     }
     let dim = class_rows[0].len();
     let classes = Tensor::from_vec(class_rows.concat(), (set.labels.len(), dim), &Device::Cpu)?;
@@ -356,7 +411,176 @@ pub fn eval_zero_shot(
         .filter(|(i, _)| !bad.contains(i))
         .map(|(_, (_, c))| *c)
         .collect();
-    zero_shot(&emb, &classes, &truth, &set.labels, bad.len())
+    Ok(ZeroShotSet {
+        images: emb,
+        classes,
+        truth,
+        labels: set.labels,
+        prompts: all_prompts,
+        undecodable: bad.len(),
+    })
+}
+
+/// Zero-shot classification of `DIR/<class>/*` with `labels.txt`: class
+/// embeddings from the prompt templates, top-1/top-5 accuracy.
+pub fn eval_zero_shot(
+    pipeline: &Pipeline,
+    dir: &Path,
+    labels_file: &Path,
+    templates: &[String],
+    chunk: usize,
+) -> anyhow::Result<ZeroShotReport> {
+    zero_shot_set(pipeline, dir, labels_file, templates, chunk)?.report()
+}
+
+/// One model's side of a teacher/student comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelSide {
+    pub model: String,
+    pub parameters: usize,
+    pub text_parameters: usize,
+    /// Weights, configs and tokenizer.
+    pub bytes_on_disk: u64,
+    /// Text embeddings per second, in batches of `--batch-size`, on the
+    /// compared texts (after one warm-up batch).
+    pub texts_per_second: f64,
+    pub retrieval: Option<RetrievalReport>,
+    pub zero_shot: Option<ZeroShotReport>,
+}
+
+/// Teacher vs student on the same held-out data.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub teacher: ModelSide,
+    pub student: ModelSide,
+    /// Texts (captions and zero-shot prompts) whose embeddings are compared.
+    pub texts_compared: usize,
+    pub mean_cosine_to_teacher: f64,
+    pub min_cosine_to_teacher: f64,
+    /// Fraction of images whose top-1 class is the teacher's.
+    pub zero_shot_agreement: Option<f64>,
+    pub student_to_teacher_parameters: f64,
+    pub student_to_teacher_bytes: f64,
+    pub student_to_teacher_speed: f64,
+}
+
+/// All and text-tower parameters of a model's checkpoint.
+pub fn parameter_counts(files: &capivara::model::ModelFiles) -> anyhow::Result<(usize, usize)> {
+    let ck = capivara::model::Checkpoint::open(&files.weights)?;
+    let (mut all, mut text) = (0, 0);
+    for name in ck.names() {
+        let n = ck.tensor(&name)?.elem_count();
+        all += n;
+        if name.starts_with("text.") {
+            text += n;
+        }
+    }
+    Ok((all, text))
+}
+
+/// Texts per second embedding `texts` in chunks of `chunk`: one warm-up
+/// chunk, then passes over all of them until a second has gone by.
+pub fn texts_per_second(
+    pipeline: &Pipeline,
+    texts: &[String],
+    chunk: usize,
+) -> anyhow::Result<f64> {
+    anyhow::ensure!(!texts.is_empty(), "no texts to time");
+    let chunk = chunk.max(1);
+    pipeline.embed_texts(&texts[..chunk.min(texts.len())])?;
+    let t0 = std::time::Instant::now();
+    let mut done = 0usize;
+    while done < texts.len() || t0.elapsed().as_secs_f64() < 1.0 {
+        for c in texts.chunks(chunk) {
+            pipeline.embed_texts(c)?;
+            done += c.len();
+        }
+    }
+    Ok(done as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// What a comparison runs on.
+pub struct HeldOut<'a> {
+    pub shards: &'a [PathBuf],
+    pub features: Option<&'a Path>,
+    /// Zero-shot: image folder, labels file, templates.
+    pub zero_shot: Option<(&'a Path, &'a Path, &'a [String])>,
+    pub chunk: usize,
+}
+
+/// Compares `student` with `teacher` on `data`: each one's retrieval and
+/// zero-shot figures, the student's embedding cosine to the teacher on
+/// every caption and prompt, the agreement of their zero-shot top-1, sizes
+/// and text speed.
+pub fn compare(
+    teacher: &Pipeline,
+    student: &Pipeline,
+    data: &HeldOut,
+) -> anyhow::Result<Comparison> {
+    anyhow::ensure!(
+        !data.shards.is_empty() || data.zero_shot.is_some(),
+        "give --shards (retrieval) and/or --images with --labels (zero-shot)"
+    );
+    let mut sides = Vec::new();
+    let mut texts_of = Vec::new();
+    let mut preds = Vec::new();
+    for p in [teacher, student] {
+        let mut texts: Vec<String> = Vec::new();
+        let retrieval_report = if data.shards.is_empty() {
+            None
+        } else {
+            let set = shard_set(p, data.shards, data.features, data.chunk)?;
+            let t = embed_texts(p, &set.texts, data.chunk)?;
+            texts.extend(set.texts.iter().cloned());
+            Some(retrieval(&set.images, &t, &set.owner)?)
+        };
+        let zs = match data.zero_shot {
+            Some((dir, labels, templates)) => {
+                let z = zero_shot_set(p, dir, labels, templates, data.chunk)?;
+                texts.extend(z.prompts.iter().cloned());
+                preds.push(z.predictions()?);
+                Some(z.report()?)
+            }
+            None => None,
+        };
+        let (parameters, text_parameters) = parameter_counts(&p.files)?;
+        sides.push(ModelSide {
+            model: p.files.model.clone(),
+            parameters,
+            text_parameters,
+            bytes_on_disk: crate::distill::model_bytes(&p.files),
+            texts_per_second: texts_per_second(p, &texts, data.chunk)?,
+            retrieval: retrieval_report,
+            zero_shot: zs,
+        });
+        texts_of.push(texts);
+    }
+    let texts = &texts_of[0];
+    let a = embed_texts(teacher, texts, data.chunk)?;
+    let b = embed_texts(student, texts, data.chunk)?;
+    let cos = (a * b)?.sum(1)?.to_vec1::<f32>()?;
+    let mean = cos.iter().map(|&c| c as f64).sum::<f64>() / cos.len().max(1) as f64;
+    let min = cos.iter().fold(f64::INFINITY, |m, &c| m.min(c as f64));
+    let agreement = (preds.len() == 2).then(|| {
+        let same = preds[0]
+            .iter()
+            .zip(&preds[1])
+            .filter(|(x, y)| x == y)
+            .count();
+        same as f64 / preds[0].len().max(1) as f64
+    });
+    let (t, s) = (sides.remove(0), sides.remove(0));
+    Ok(Comparison {
+        texts_compared: texts.len(),
+        mean_cosine_to_teacher: mean,
+        min_cosine_to_teacher: min,
+        zero_shot_agreement: agreement,
+        student_to_teacher_parameters: s.parameters as f64 / t.parameters.max(1) as f64,
+        student_to_teacher_bytes: s.bytes_on_disk as f64 / t.bytes_on_disk.max(1) as f64,
+        student_to_teacher_speed: s.texts_per_second / t.texts_per_second.max(1e-9),
+        teacher: t,
+        student: s,
+    })
 }
 
 #[cfg(test)]

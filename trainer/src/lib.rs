@@ -11,10 +11,12 @@
 //! - [`merge`]: LoRA folded into the base weights, written as a model directory;
 //! - [`eval`]: retrieval recall and zero-shot accuracy;
 //! - [`synth`]: a synthetic captioned dataset to try all of it;
-//! - [`prune`]: vocabulary pruning to the tokens a corpus uses.
+//! - [`prune`]: vocabulary pruning to the tokens a corpus uses;
+//! - [`distill`]: a smaller text tower distilled from the teacher (DC-CLIP).
 
 pub mod data;
 pub mod dataset;
+pub mod distill;
 pub mod eval;
 pub mod features;
 pub mod fit;

@@ -79,13 +79,23 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Distil a smaller text tower from a teacher (DC-CLIP's two stages:
+    /// feature distillation on captions, then contrastive alignment with the
+    /// cached image features); writes a model directory `serve` loads.
+    Distill(Box<DistillArgs>),
     /// Evaluate a model: retrieval recall@1/5/10 both ways on shards, or
-    /// zero-shot top-1 on a folder of labelled images.
+    /// zero-shot top-1 on a folder of labelled images. With --teacher: the
+    /// model (a student) against the teacher on the same data, with cosine to
+    /// the teacher, zero-shot agreement, sizes and texts/s.
     Eval {
         #[command(flatten)]
         model: ModelArgs,
+        /// Compare --model with this teacher model (retrieval and zero-shot
+        /// data may then be given together).
+        #[arg(long)]
+        teacher: Option<String>,
         /// Retrieval: shards with brace ranges, or `.tsv` files (repeatable).
-        #[arg(long, conflicts_with_all = ["images", "labels"])]
+        #[arg(long)]
         shards: Vec<String>,
         /// Retrieval: cached image features of the shards (from `features`).
         #[arg(long, requires = "shards")]
@@ -136,6 +146,101 @@ struct ModelArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, env = "CAPIVARA_DEVICE", default_value = "cpu")]
     device: String,
+}
+
+#[derive(Args)]
+struct DistillArgs {
+    /// The teacher model (a directory or a hub id).
+    #[arg(long, env = "CAPIVARA_MODEL", default_value = capivara::model::weights::DEFAULT_MODEL)]
+    teacher: String,
+    /// The student's shape, JSON: `num_hidden_layers` and optionally
+    /// `hidden_size`, `num_attention_heads`, `intermediate_size`,
+    /// `teacher_layers` (the teacher layer each student layer starts from).
+    #[arg(long)]
+    student_config: PathBuf,
+    /// Training shards (brace ranges, `.tsv`; repeatable): their captions
+    /// for stage 1, their captions and image features for stage 2.
+    #[arg(long, required = true)]
+    shards: Vec<String>,
+    /// More texts for stage 1, one per line (e.g. English captions; repeatable).
+    #[arg(long)]
+    texts: Vec<PathBuf>,
+    /// Cached image features of --shards (from `features`), for stage 2.
+    #[arg(long)]
+    features: Option<PathBuf>,
+    /// Output model directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Held-out shards: cosine to the teacher (and recall, with
+    /// --val-features) before and after each stage.
+    #[arg(long)]
+    val_shards: Vec<String>,
+    /// Cached image features of --val-shards.
+    #[arg(long, requires = "val_shards")]
+    val_features: Option<PathBuf>,
+    /// Held-out texts, one per line: cosine to the teacher before and after
+    /// each stage (repeatable).
+    #[arg(long)]
+    val_texts: Vec<PathBuf>,
+    #[arg(long, env = "CAPIVARA_DEVICE", default_value = "cpu")]
+    device: String,
+    /// Steps of stage 1 (feature distillation).
+    #[arg(long, default_value_t = 2000)]
+    stage1_steps: usize,
+    /// Steps of stage 2 (contrastive alignment; needs --features).
+    #[arg(long, default_value_t = 500)]
+    stage2_steps: usize,
+    /// Texts (stage 1) or image-caption pairs (stage 2) per step.
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// Peak learning rate of stage 1.
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// Peak learning rate of stage 2.
+    #[arg(long, default_value_t = 1e-5)]
+    stage2_lr: f64,
+    /// Final learning rate of both cosine schedules.
+    #[arg(long, default_value_t = 1e-6)]
+    min_lr: f64,
+    /// Warm-up steps of each stage (at most half its steps).
+    #[arg(long, default_value_t = 100)]
+    warmup_steps: usize,
+    /// AdamW weight decay (betas 0.9, 0.98).
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    /// Weight of the distillation term (1 - cos to the teacher) in stage 2.
+    #[arg(long, default_value_t = 1.0)]
+    distill_weight: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    no_progress: bool,
+}
+
+fn run_distill(a: DistillArgs) -> anyhow::Result<serde_json::Value> {
+    let cfg = capivara_trainer::distill::DistillConfig {
+        teacher: a.teacher,
+        student: capivara_trainer::distill::StudentConfig::from_file(&a.student_config)?,
+        shards: a.shards,
+        texts: a.texts,
+        features: a.features,
+        val_shards: a.val_shards,
+        val_features: a.val_features,
+        val_texts: a.val_texts,
+        device: a.device,
+        stage1_steps: a.stage1_steps,
+        stage2_steps: a.stage2_steps,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        stage2_lr: a.stage2_lr,
+        min_lr: a.min_lr,
+        warmup_steps: a.warmup_steps,
+        weight_decay: a.weight_decay,
+        distill_weight: a.distill_weight,
+        seed: a.seed,
+    };
+    let report = capivara_trainer::distill::distill(&cfg, &a.out, !a.no_progress)?;
+    Ok(serde_json::to_value(report)?)
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -400,6 +505,7 @@ fn run_prune(model: &str, corpus: &[PathBuf], out: &Path) -> anyhow::Result<serd
 #[allow(clippy::too_many_arguments)]
 fn run_eval(
     m: &ModelArgs,
+    teacher: Option<&str>,
     shards: &[String],
     feats: Option<&Path>,
     images: Option<&Path>,
@@ -409,6 +515,28 @@ fn run_eval(
 ) -> anyhow::Result<serde_json::Value> {
     let device = capivara::parse_device(&m.device)?;
     let pipeline = capivara::Pipeline::load(&m.model, &device, candle_core::DType::F32)?;
+    let t: Vec<String> = match templates {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+            capivara::zeroshot::parse_templates(&text)
+        }
+        None => capivara::zeroshot::DEFAULT_TEMPLATES
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    };
+    if let Some(teacher) = teacher {
+        let tp = capivara::Pipeline::load(teacher, &device, candle_core::DType::F32)?;
+        let paths = dataset::expand_all(shards)?;
+        let held = eval::HeldOut {
+            shards: &paths,
+            features: feats,
+            zero_shot: images.zip(labels).map(|(d, l)| (d, l, t.as_slice())),
+            chunk: batch,
+        };
+        return Ok(serde_json::to_value(eval::compare(&tp, &pipeline, &held)?)?);
+    }
     match (shards.is_empty(), images, labels) {
         (false, None, None) => {
             let paths = dataset::expand_all(shards)?;
@@ -417,22 +545,12 @@ fn run_eval(
             v["skipped"] = skipped.into();
             Ok(v)
         }
-        (true, Some(dir), Some(lf)) => {
-            let t: Vec<String> = match templates {
-                Some(p) => {
-                    let text = std::fs::read_to_string(p)
-                        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-                    capivara::zeroshot::parse_templates(&text)
-                }
-                None => capivara::zeroshot::DEFAULT_TEMPLATES
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect(),
-            };
-            Ok(serde_json::to_value(eval::eval_zero_shot(
-                &pipeline, dir, lf, &t, batch,
-            )?)?)
-        }
+        (true, Some(dir), Some(lf)) => Ok(serde_json::to_value(eval::eval_zero_shot(
+            &pipeline, dir, lf, &t, batch,
+        )?)?),
+        (false, Some(_), _) => anyhow::bail!(
+            "give --shards (retrieval) or --images with --labels (zero-shot), not both (both only with --teacher)"
+        ),
         _ => anyhow::bail!("give --shards (retrieval) or --images with --labels (zero-shot)"),
     }
 }
@@ -463,8 +581,10 @@ fn main() -> std::process::ExitCode {
         Command::Fit(a) => run_fit(*a),
         Command::Merge { model, lora, out } => run_merge(&model, &lora, &out),
         Command::PruneVocab { model, corpus, out } => run_prune(&model, &corpus, &out),
+        Command::Distill(a) => run_distill(*a),
         Command::Eval {
             model,
+            teacher,
             shards,
             features,
             images,
@@ -473,6 +593,7 @@ fn main() -> std::process::ExitCode {
             batch_size,
         } => run_eval(
             &model,
+            teacher.as_deref(),
             &shards,
             features.as_deref(),
             images.as_deref(),

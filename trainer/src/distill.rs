@@ -1,0 +1,984 @@
+//! `distill`: a smaller text tower for the same joint space, in the two
+//! stages of DC-CLIP (Zhang et al., 2024):
+//!
+//! 1. feature distillation: the student (fewer and/or narrower layers, from a
+//!    JSON config) learns to reproduce the teacher's normalised text
+//!    embeddings (loss `1 - cos`, which for unit vectors is MSE / 2) on the
+//!    captions of the shards and any extra text files (English captions, say);
+//! 2. alignment: contrastive fine-tuning (CLIP's symmetric loss at the
+//!    teacher's logit scale) against the cached frozen image features, with
+//!    the distillation term kept at `--distill-weight` so the student does not
+//!    drift from the teacher's space.
+//!
+//! The student starts from the teacher wherever shapes allow: the token,
+//! position and type embeddings, each student layer from a chosen teacher
+//! layer, the projection; a tensor whose shape differs (a narrower student)
+//! starts fresh (normal(0, 0.02), LayerNorm gains 1, biases 0). It uses the
+//! teacher's tokenizer (prune the vocabulary first with `prune-vocab` for a
+//! smaller embedding matrix) and the teacher's image tower unchanged, so
+//! `features` computed for the teacher serve the student too.
+//!
+//! The output is a model directory like the teacher's: `capivara serve
+//! --model OUT` loads it (the text tower's shape comes from its
+//! `text_config.json`).
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context};
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::{VarBuilder, VarMap};
+use capivara::model::layers::l2_normalize;
+use capivara::model::weights::{
+    ModelFiles, CONFIG_FILE, SAFETENSORS_FILE, TEXT_CONFIG_FILE, TOKENIZER_FILE,
+};
+use capivara::model::{Checkpoint, ClipConfig, Kernels, TextOptions, TextTower, XlmRobertaConfig};
+use capivara::Pipeline;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::dataset::{expand_all, mix, Batches, FeatureSet};
+use crate::eval::{retrieval, RetrievalReport};
+use crate::loss::clip_loss;
+use crate::optim::{Adam, AdamConfig, Schedule};
+
+/// The file `distill` writes its settings and report to, in the output directory.
+pub const DISTILL_FILE: &str = "distill.json";
+const METRICS_FILE: &str = "metrics.jsonl";
+const ENCODER_LAYER: &str = "text.transformer.encoder.layer.";
+
+/// The student's shape (`--student-config S.json`). Unset sizes are the
+/// teacher's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudentConfig {
+    pub num_hidden_layers: usize,
+    #[serde(default)]
+    pub hidden_size: Option<usize>,
+    #[serde(default)]
+    pub num_attention_heads: Option<usize>,
+    #[serde(default)]
+    pub intermediate_size: Option<usize>,
+    /// The teacher layer each student layer starts from (default: evenly
+    /// spaced, first and last included).
+    #[serde(default)]
+    pub teacher_layers: Option<Vec<usize>>,
+}
+
+impl StudentConfig {
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the student config {}", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a student config", path.display()))
+    }
+
+    /// The student's `text_config.json` (the teacher's with the overrides),
+    /// parsed, and the teacher layer of each student layer.
+    pub fn resolve(
+        &self,
+        teacher: &Value,
+    ) -> anyhow::Result<(Value, XlmRobertaConfig, Vec<usize>)> {
+        let t = XlmRobertaConfig::from_json(&teacher.to_string(), "the teacher's text config")?;
+        let n = self.num_hidden_layers;
+        ensure!(
+            n >= 1,
+            "student config: num_hidden_layers must be at least 1"
+        );
+        let hidden = self.hidden_size.unwrap_or(t.hidden_size);
+        let heads = self.num_attention_heads.unwrap_or(t.num_attention_heads);
+        let inter = self.intermediate_size.unwrap_or(t.intermediate_size);
+        ensure!(
+            hidden >= 1 && heads >= 1 && inter >= 1,
+            "student config: sizes must be at least 1"
+        );
+        ensure!(
+            hidden.is_multiple_of(heads),
+            "student config: hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
+        );
+        let tl = t.num_hidden_layers;
+        let layers = match &self.teacher_layers {
+            Some(v) => {
+                ensure!(
+                    v.len() == n,
+                    "student config: teacher_layers names {} layers for {n} student layers",
+                    v.len()
+                );
+                if let Some(bad) = v.iter().find(|&&l| l >= tl) {
+                    bail!(
+                        "student config: teacher layer {bad} does not exist (the teacher has {tl})"
+                    );
+                }
+                v.clone()
+            }
+            None if n == 1 => vec![tl - 1],
+            None => (0..n)
+                .map(|i| ((i * (tl - 1)) as f64 / (n - 1) as f64).round() as usize)
+                .collect(),
+        };
+        let mut json = teacher.clone();
+        json["num_hidden_layers"] = n.into();
+        json["hidden_size"] = hidden.into();
+        json["num_attention_heads"] = heads.into();
+        json["intermediate_size"] = inter.into();
+        let cfg = XlmRobertaConfig::from_json(&json.to_string(), "the student's text config")?;
+        Ok((json, cfg, layers))
+    }
+}
+
+/// How the student's tensors started.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct InitReport {
+    pub copied_tensors: usize,
+    pub copied_parameters: usize,
+    pub fresh_tensors: usize,
+    pub fresh_parameters: usize,
+    /// The tensors that started fresh (shape differs from the teacher's).
+    pub fresh: Vec<String>,
+}
+
+/// The teacher tensor a student tensor starts from.
+fn teacher_name(name: &str, layers: &[usize]) -> String {
+    if let Some(rest) = name.strip_prefix(ENCODER_LAYER) {
+        if let Some((i, tail)) = rest.split_once('.') {
+            if let Some(&t) = i.parse::<usize>().ok().and_then(|i| layers.get(i)) {
+                return format!("{ENCODER_LAYER}{t}.{tail}");
+            }
+        }
+    }
+    name.to_string()
+}
+
+/// A fresh value for a tensor that cannot come from the teacher.
+fn fresh_tensor(
+    name: &str,
+    dims: &[usize],
+    rng: &mut rand::rngs::StdRng,
+) -> anyhow::Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = if name.ends_with("LayerNorm.weight") {
+        vec![1.0; n]
+    } else if name.ends_with(".bias") {
+        vec![0.0; n]
+    } else {
+        // Normal(0, 0.02) by Box-Muller (the initializer_range of XLM-R).
+        (0..n)
+            .map(|_| {
+                let u1: f32 = 1.0 - rng.random::<f32>();
+                let u2: f32 = rng.random();
+                0.02 * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+            })
+            .collect()
+    };
+    Ok(Tensor::from_vec(v, dims, &Device::Cpu)?)
+}
+
+/// The student text tower with its trainable tensors.
+pub struct Student {
+    pub tower: TextTower,
+    pub varmap: VarMap,
+    pub hf: XlmRobertaConfig,
+    /// Its `text_config.json`.
+    pub text_config: Value,
+    pub teacher_layers: Vec<usize>,
+    pub init: InitReport,
+}
+
+impl Student {
+    /// Builds the student of `sc` on `device` (f32), initialised from the
+    /// teacher `files` where shapes allow; `seed` draws the fresh tensors.
+    pub fn new(
+        files: &ModelFiles,
+        sc: &StudentConfig,
+        device: &Device,
+        seed: u64,
+    ) -> anyhow::Result<Self> {
+        let cfg = ClipConfig::from_file(&files.config)?;
+        let teacher_json: Value = serde_json::from_slice(&std::fs::read(&files.text_config)?)
+            .with_context(|| format!("reading {}", files.text_config.display()))?;
+        let (text_config, hf, layers) = sc.resolve(&teacher_json)?;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let opts = TextOptions {
+            kernels: Kernels::Differentiable,
+            lora: None,
+        };
+        let tower = TextTower::load(vb.pp("text"), &cfg.text, &hf, cfg.embed_dim, opts)?;
+        let ck = Checkpoint::open(&files.weights)?;
+        let names: HashSet<String> = ck.names().into_iter().collect();
+        let mut init = InitReport::default();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(mix(seed, 0x5EED));
+        let mut vars: Vec<(String, Var)> = varmap
+            .data()
+            .lock()
+            .expect("varmap lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, var) in vars {
+            let tname = teacher_name(&name, &layers);
+            let from_teacher = if names.contains(&tname) {
+                let t = ck.tensor(&tname)?;
+                (t.dims() == var.dims()).then_some(t)
+            } else {
+                None
+            };
+            let n = var.elem_count();
+            let value = match from_teacher {
+                Some(t) => {
+                    init.copied_tensors += 1;
+                    init.copied_parameters += n;
+                    t
+                }
+                None => {
+                    init.fresh_tensors += 1;
+                    init.fresh_parameters += n;
+                    init.fresh.push(name.clone());
+                    fresh_tensor(&name, var.dims(), &mut rng)?
+                }
+            };
+            var.set(&value.to_dtype(DType::F32)?.to_device(device)?)?;
+        }
+        Ok(Self {
+            tower,
+            varmap,
+            hf,
+            text_config,
+            teacher_layers: layers,
+            init,
+        })
+    }
+
+    /// The trainable tensors, sorted by name.
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        let data = self.varmap.data().lock().expect("varmap lock");
+        let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Number of scalars of the student's text tower.
+    pub fn parameters(&self) -> usize {
+        self.vars().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Normalised embeddings of token ids `(b, l)`, with the graph.
+    pub fn embed(&self, ids: &Tensor) -> anyhow::Result<Tensor> {
+        Ok(l2_normalize(&self.tower.forward(ids)?)?)
+    }
+}
+
+/// `mean(1 - cos(a_i, b_i))` for row-aligned unit vectors.
+pub fn cosine_loss(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let cos = (a * b)?.sum(D::Minus1)?;
+    (cos.ones_like()? - cos)?.mean_all()
+}
+
+/// Everything `distill` is told.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DistillConfig {
+    pub teacher: String,
+    pub student: StudentConfig,
+    pub shards: Vec<String>,
+    /// Plain-text files, one caption per line, added to stage 1's texts.
+    pub texts: Vec<PathBuf>,
+    /// Cached image features of `shards` (stage 2).
+    pub features: Option<PathBuf>,
+    pub val_shards: Vec<String>,
+    pub val_features: Option<PathBuf>,
+    /// Held-out plain-text files (cosine to the teacher only).
+    pub val_texts: Vec<PathBuf>,
+    pub device: String,
+    pub stage1_steps: usize,
+    pub stage2_steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub stage2_lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    /// Weight of the distillation term in stage 2.
+    pub distill_weight: f64,
+    pub seed: u64,
+}
+
+/// Cosine to the teacher (and retrieval recall, with image features) on the
+/// held-out captions.
+#[derive(Debug, Clone, Serialize)]
+pub struct ValReport {
+    pub texts: usize,
+    pub mean_cosine_to_teacher: f64,
+    pub min_cosine_to_teacher: f64,
+    pub retrieval: Option<RetrievalReport>,
+}
+
+/// One stage's losses and time.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageReport {
+    pub steps: usize,
+    pub first_loss: Option<f32>,
+    pub final_loss: Option<f32>,
+    pub seconds: f64,
+    pub texts_per_second: f64,
+}
+
+/// What `distill` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct DistillReport {
+    pub teacher_text_parameters: usize,
+    pub student_text_parameters: usize,
+    pub teacher_layers: Vec<usize>,
+    pub init: InitReport,
+    pub stage1_texts: usize,
+    pub stage2_samples: usize,
+    pub stage1: StageReport,
+    pub stage2: StageReport,
+    pub teacher_val: Option<ValReport>,
+    pub val_before: Option<ValReport>,
+    pub val_after_stage1: Option<ValReport>,
+    pub val_after_stage2: Option<ValReport>,
+    pub bytes_teacher: u64,
+    pub bytes_student: u64,
+    pub out: PathBuf,
+}
+
+/// Teacher embeddings of a fixed set of texts, computed once.
+struct TeacherCache {
+    rows: HashMap<String, u32>,
+    emb: Tensor,
+}
+
+impl TeacherCache {
+    fn new(pipeline: &Pipeline, texts: &[String], chunk: usize) -> anyhow::Result<Self> {
+        let mut rows = HashMap::new();
+        let mut distinct = Vec::new();
+        for t in texts {
+            if !rows.contains_key(t) {
+                rows.insert(t.clone(), distinct.len() as u32);
+                distinct.push(t.clone());
+            }
+        }
+        let mut parts = Vec::new();
+        for c in distinct.chunks(chunk.max(1)) {
+            parts.push(pipeline.embed_texts(c)?.to_device(&Device::Cpu)?);
+        }
+        ensure!(!parts.is_empty(), "no texts to distil on");
+        Ok(Self {
+            rows,
+            emb: Tensor::cat(&parts, 0)?,
+        })
+    }
+
+    fn get(&self, texts: &[String], device: &Device) -> anyhow::Result<Tensor> {
+        let idx: Vec<u32> = texts
+            .iter()
+            .map(|t| self.rows.get(t).copied().context("text not cached"))
+            .collect::<anyhow::Result<_>>()?;
+        let idx = Tensor::new(idx.as_slice(), &Device::Cpu)?;
+        Ok(self.emb.index_select(&idx, 0)?.to_device(device)?)
+    }
+}
+
+/// Texts held out for validation: each sample's original captions (its
+/// generated ones when it has none), with the owning sample.
+fn val_texts(shards: &[PathBuf]) -> (Vec<String>, Vec<String>) {
+    let mut keys = Vec::new();
+    let mut texts = Vec::new();
+    for s in shards {
+        let (samples, _) = crate::data::read_source(s, false);
+        for smp in samples {
+            let caps = if smp.captions.is_empty() {
+                smp.generated
+            } else {
+                smp.captions
+            };
+            for c in caps {
+                keys.push(smp.key.clone());
+                texts.push(c);
+            }
+        }
+    }
+    (keys, texts)
+}
+
+struct Val {
+    /// The held-out shards' captions first, then the held-out texts.
+    texts: Vec<String>,
+    /// With features: the images and the image row of each of the first
+    /// `owner.len()` texts.
+    images: Option<(Tensor, Vec<usize>)>,
+}
+
+fn embed_student(
+    student: &Student,
+    pipeline: &Pipeline,
+    texts: &[String],
+    chunk: usize,
+) -> anyhow::Result<Tensor> {
+    let device = pipeline.clip.device();
+    let mut parts = Vec::new();
+    for c in texts.chunks(chunk.max(1)) {
+        let ids = pipeline.tokenizer.encode_batch(c)?.to_tensor(device)?;
+        parts.push(student.embed(&ids)?.detach().to_device(&Device::Cpu)?);
+    }
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+fn cosine_rows(a: &Tensor, b: &Tensor) -> anyhow::Result<(f64, f64)> {
+    let c = (a * b)?.sum(D::Minus1)?.to_vec1::<f32>()?;
+    let mean = c.iter().map(|&x| x as f64).sum::<f64>() / c.len().max(1) as f64;
+    let min = c.iter().fold(f64::INFINITY, |m, &x| m.min(x as f64));
+    Ok((mean, min))
+}
+
+fn validate(val: &Val, emb: &Tensor, cache: &TeacherCache) -> anyhow::Result<ValReport> {
+    let teacher = cache.get(&val.texts, &Device::Cpu)?;
+    let (mean, min) = cosine_rows(emb, &teacher)?;
+    let retrieval = match &val.images {
+        Some((images, owner)) => Some(retrieval(images, &emb.narrow(0, 0, owner.len())?, owner)?),
+        None => None,
+    };
+    Ok(ValReport {
+        texts: val.texts.len(),
+        mean_cosine_to_teacher: mean,
+        min_cosine_to_teacher: min,
+        retrieval,
+    })
+}
+
+/// Total size of a model's files.
+pub fn model_bytes(files: &ModelFiles) -> u64 {
+    [
+        &files.weights,
+        &files.config,
+        &files.text_config,
+        &files.tokenizer,
+    ]
+    .iter()
+    .filter_map(|p| std::fs::metadata(p).ok())
+    .map(|m| m.len())
+    .sum()
+}
+
+/// Writes the student as a model directory: the teacher's image tower and
+/// logit scale, the student's text tower, its `text_config.json`, the
+/// teacher's tokenizer and `open_clip_config.json`.
+pub fn write_student(files: &ModelFiles, student: &Student, out: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let ck = Checkpoint::open(&files.weights)?;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for name in ck.names() {
+        if !name.starts_with("text.") {
+            tensors.insert(name.clone(), ck.tensor(&name)?);
+        }
+    }
+    for (name, var) in student.vars() {
+        tensors.insert(name, var.as_tensor().detach().to_device(&Device::Cpu)?);
+    }
+    let tmp = out.join(format!("{SAFETENSORS_FILE}.tmp"));
+    candle_core::safetensors::save(&tensors, &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    drop(tensors);
+    crate::merge::readable_by_all(&tmp)?;
+    std::fs::write(
+        out.join(TEXT_CONFIG_FILE),
+        serde_json::to_vec_pretty(&student.text_config)?,
+    )?;
+    std::fs::copy(&files.config, out.join(CONFIG_FILE))?;
+    std::fs::copy(&files.tokenizer, out.join(TOKENIZER_FILE))?;
+    if let Some(dir) = files.tokenizer.parent() {
+        for extra in ["tokenizer_config.json", "special_tokens_map.json"] {
+            let p = dir.join(extra);
+            if p.is_file() {
+                std::fs::copy(&p, out.join(extra))?;
+            }
+        }
+    }
+    std::fs::rename(&tmp, out.join(SAFETENSORS_FILE))?;
+    Ok(())
+}
+
+/// The non-empty lines of a text file.
+fn read_lines(path: &Path, flag: &str) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {flag} {}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
+struct Metrics(std::fs::File);
+
+impl Metrics {
+    fn write(&mut self, v: Value) -> anyhow::Result<()> {
+        writeln!(self.0, "{v}")?;
+        Ok(())
+    }
+}
+
+fn grads_of(loss: &Tensor, vars: &[(String, Var)]) -> anyhow::Result<HashMap<String, Tensor>> {
+    let store = loss.backward()?;
+    let mut out = HashMap::new();
+    for (name, var) in vars {
+        if let Some(g) = store.get(var.as_tensor()) {
+            out.insert(name.clone(), g.clone());
+        }
+    }
+    Ok(out)
+}
+
+fn new_bar(steps: usize, progress: bool, what: &str) -> indicatif::ProgressBar {
+    let bar = if progress {
+        indicatif::ProgressBar::new(steps as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {{msg}}"
+        ))
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+/// Runs both stages and writes the student into `out`.
+pub fn distill(cfg: &DistillConfig, out: &Path, progress: bool) -> anyhow::Result<DistillReport> {
+    ensure!(
+        cfg.stage1_steps + cfg.stage2_steps >= 1,
+        "nothing to do: --stage1-steps and --stage2-steps are both 0"
+    );
+    ensure!(
+        cfg.stage2_steps == 0 || cfg.features.is_some(),
+        "stage 2 (alignment) needs --features (the cached image features of --shards)"
+    );
+    for (v, what) in [(cfg.lr, "--lr"), (cfg.stage2_lr, "--stage2-lr")] {
+        ensure!(v.is_finite() && v > 0.0, "{what} must be positive");
+    }
+    ensure!(
+        cfg.min_lr >= 0.0 && cfg.min_lr <= cfg.lr.min(cfg.stage2_lr),
+        "--min-lr must be in [0, --lr]"
+    );
+    ensure!(
+        cfg.distill_weight.is_finite() && cfg.distill_weight >= 0.0,
+        "--distill-weight must be at least 0"
+    );
+    ensure!(
+        !out.join(SAFETENSORS_FILE).exists(),
+        "{} already holds a model: choose another --out",
+        out.display()
+    );
+    let device = capivara::parse_device(&cfg.device)?;
+    let files = capivara::model::weights::resolve(&cfg.teacher)?;
+    let pipeline = Pipeline::from_files(files.clone(), &device, DType::F32)?;
+    let student = Student::new(&files, &cfg.student, &device, cfg.seed)?;
+    let teacher_text_parameters = {
+        let ck = Checkpoint::open(&files.weights)?;
+        let mut n = 0;
+        for name in ck.names().iter().filter(|n| n.starts_with("text.")) {
+            n += ck.tensor(name)?.elem_count();
+        }
+        n
+    };
+    eprintln!(
+        "student: {} layers from teacher layers {:?}, {} text parameters ({} tensors from the teacher, {} fresh)",
+        student.hf.num_hidden_layers,
+        student.teacher_layers,
+        student.parameters(),
+        student.init.copied_tensors,
+        student.init.fresh_tensors
+    );
+
+    // Stage 1's texts: every caption of the shards and of --texts.
+    let shards = expand_all(&cfg.shards)?;
+    ensure!(!shards.is_empty(), "no --shards");
+    let mut stage1: Vec<String> = Vec::new();
+    for s in &shards {
+        let (samples, _) = crate::data::read_source(s, false);
+        for smp in samples {
+            stage1.extend(smp.captions);
+            stage1.extend(smp.generated);
+        }
+    }
+    for p in &cfg.texts {
+        stage1.extend(read_lines(p, "--texts")?);
+    }
+    stage1.sort();
+    stage1.dedup();
+    ensure!(
+        !stage1.is_empty(),
+        "the shards and --texts have no caption to distil on"
+    );
+    let set = match &cfg.features {
+        Some(dir) if cfg.stage2_steps > 0 => {
+            let set = FeatureSet::load(&shards, dir)?;
+            ensure!(
+                set.dim == pipeline.clip.embed_dim(),
+                "features of size {} but the teacher embeds in {}",
+                set.dim,
+                pipeline.clip.embed_dim()
+            );
+            Some(set)
+        }
+        _ => None,
+    };
+    let mut extra_val = Vec::new();
+    for p in &cfg.val_texts {
+        extra_val.extend(read_lines(p, "--val-texts")?);
+    }
+    let mut val = if cfg.val_shards.is_empty() {
+        None
+    } else {
+        let vshards = expand_all(&cfg.val_shards)?;
+        let images = match &cfg.val_features {
+            Some(dir) => {
+                let vs = FeatureSet::load(&vshards, dir)?;
+                let v = crate::fit::ValSet::new(&vs)?;
+                Some((v.texts, v.images, v.owner))
+            }
+            None => None,
+        };
+        Some(match images {
+            Some((texts, images, owner)) => Val {
+                texts,
+                images: Some((images, owner)),
+            },
+            None => {
+                let (_, texts) = val_texts(&vshards);
+                ensure!(!texts.is_empty(), "the validation shards have no caption");
+                Val {
+                    texts,
+                    images: None,
+                }
+            }
+        })
+    };
+    if !extra_val.is_empty() {
+        match &mut val {
+            Some(v) => v.texts.extend(extra_val),
+            None => {
+                val = Some(Val {
+                    texts: extra_val,
+                    images: None,
+                })
+            }
+        }
+    }
+
+    let mut all: Vec<String> = stage1.clone();
+    if let Some(s) = &set {
+        for it in &s.items {
+            all.extend(it.captions.iter().cloned());
+            all.extend(it.generated.iter().cloned());
+        }
+    }
+    if let Some(v) = &val {
+        all.extend(v.texts.iter().cloned());
+    }
+    let started = Instant::now();
+    let cache = TeacherCache::new(&pipeline, &all, cfg.batch_size)?;
+    eprintln!(
+        "teacher embeddings of {} distinct texts in {:.1}s",
+        cache.rows.len(),
+        started.elapsed().as_secs_f64()
+    );
+
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(
+        out.join("distill_config.json"),
+        serde_json::to_vec_pretty(cfg)?,
+    )?;
+    let mut metrics = Metrics(
+        std::fs::File::create(out.join(METRICS_FILE))
+            .with_context(|| format!("writing {}", out.join(METRICS_FILE).display()))?,
+    );
+    let chunk = cfg.batch_size;
+    let run_val = |student: &Student| -> anyhow::Result<Option<ValReport>> {
+        match &val {
+            Some(v) => {
+                let emb = embed_student(student, &pipeline, &v.texts, chunk)?;
+                Some(validate(v, &emb, &cache)).transpose()
+            }
+            None => Ok(None),
+        }
+    };
+    let teacher_val = match &val {
+        Some(v) => {
+            let emb = cache.get(&v.texts, &Device::Cpu)?;
+            Some(validate(v, &emb, &cache)?)
+        }
+        None => None,
+    };
+    let val_before = run_val(&student)?;
+    if let Some(r) = &val_before {
+        metrics.write(serde_json::json!({"stage": 0, "step": 0, "val": r}))?;
+        eprintln!(
+            "before: cosine to the teacher {:.4} on {} held-out captions",
+            r.mean_cosine_to_teacher, r.texts
+        );
+    }
+    let adam = AdamConfig {
+        weight_decay: cfg.weight_decay,
+        ..AdamConfig::default()
+    };
+    let vars = student.vars();
+
+    // Stage 1: feature distillation.
+    let mut s1 = StageReport {
+        steps: cfg.stage1_steps,
+        first_loss: None,
+        final_loss: None,
+        seconds: 0.0,
+        texts_per_second: 0.0,
+    };
+    if cfg.stage1_steps > 0 {
+        let mut batches = Batches::new(
+            stage1.len(),
+            cfg.batch_size.min(stage1.len()),
+            cfg.seed,
+            None,
+        )
+        .context("stage 1 needs at least 2 distinct texts")?;
+        let mut opt = Adam::new(vars.clone(), adam.clone())?;
+        let sched = Schedule {
+            lr: cfg.lr,
+            min_lr: cfg.min_lr,
+            warmup: cfg.warmup_steps.min(cfg.stage1_steps / 2),
+            max_steps: cfg.stage1_steps,
+        };
+        let bar = new_bar(cfg.stage1_steps, progress, "stage 1");
+        let t0 = Instant::now();
+        let mut texts_done = 0usize;
+        for step in 0..cfg.stage1_steps {
+            let idx = batches.indices(step);
+            let texts: Vec<String> = idx.iter().map(|&i| stage1[i].clone()).collect();
+            let ids = pipeline
+                .tokenizer
+                .encode_batch(&texts)?
+                .to_tensor(&device)?;
+            let target = cache.get(&texts, &device)?;
+            let loss = cosine_loss(&student.embed(&ids)?, &target)?;
+            let grads = grads_of(&loss, &vars)?;
+            let lr = sched.at(step);
+            opt.apply(&grads, lr)?;
+            let l = loss.to_scalar::<f32>()?;
+            ensure!(
+                l.is_finite(),
+                "stage 1: the loss is {l} at step {}: lower --lr",
+                step + 1
+            );
+            s1.first_loss.get_or_insert(l);
+            s1.final_loss = Some(l);
+            texts_done += texts.len();
+            metrics
+                .write(serde_json::json!({"stage": 1, "step": step + 1, "loss": l, "lr": lr}))?;
+            bar.set_position(step as u64 + 1);
+            bar.set_message(format!("loss {l:.4}"));
+        }
+        bar.finish_and_clear();
+        s1.seconds = t0.elapsed().as_secs_f64();
+        s1.texts_per_second = texts_done as f64 / s1.seconds.max(1e-9);
+    }
+    let val_after_stage1 = run_val(&student)?;
+    if let Some(r) = &val_after_stage1 {
+        metrics.write(serde_json::json!({"stage": 1, "step": cfg.stage1_steps, "val": r}))?;
+        eprintln!(
+            "after stage 1: cosine to the teacher {:.4}",
+            r.mean_cosine_to_teacher
+        );
+    }
+
+    // Stage 2: contrastive alignment with the frozen image features.
+    let mut s2 = StageReport {
+        steps: cfg.stage2_steps,
+        first_loss: None,
+        final_loss: None,
+        seconds: 0.0,
+        texts_per_second: 0.0,
+    };
+    let stage2_samples = set.as_ref().map_or(0, FeatureSet::len);
+    if let Some(set) = set.as_ref().filter(|_| cfg.stage2_steps > 0) {
+        let mut batches = Batches::new(set.len(), cfg.batch_size, mix(cfg.seed, 2), None)?;
+        let mut opt = Adam::new(vars.clone(), adam.clone())?;
+        let sched = Schedule {
+            lr: cfg.stage2_lr,
+            min_lr: cfg.min_lr.min(cfg.stage2_lr),
+            warmup: cfg.warmup_steps.min(cfg.stage2_steps / 2),
+            max_steps: cfg.stage2_steps,
+        };
+        let scale = pipeline
+            .clip
+            .logit_scale
+            .to_dtype(DType::F32)?
+            .to_device(&device)?;
+        let bar = new_bar(cfg.stage2_steps, progress, "stage 2");
+        let t0 = Instant::now();
+        for step in 0..cfg.stage2_steps {
+            let idx = batches.indices(step);
+            let texts = batches.captions(set, &idx, step);
+            let images = set.rows(&idx, &device)?;
+            let ids = pipeline
+                .tokenizer
+                .encode_batch(&texts)?
+                .to_tensor(&device)?;
+            let emb = student.embed(&ids)?;
+            let mut loss = clip_loss(&images, &emb, &scale)?;
+            if cfg.distill_weight > 0.0 {
+                let target = cache.get(&texts, &device)?;
+                loss = (loss + (cosine_loss(&emb, &target)? * cfg.distill_weight)?)?;
+            }
+            let grads = grads_of(&loss, &vars)?;
+            let lr = sched.at(step);
+            opt.apply(&grads, lr)?;
+            let l = loss.to_scalar::<f32>()?;
+            ensure!(
+                l.is_finite(),
+                "stage 2: the loss is {l} at step {}: lower --stage2-lr",
+                step + 1
+            );
+            s2.first_loss.get_or_insert(l);
+            s2.final_loss = Some(l);
+            metrics
+                .write(serde_json::json!({"stage": 2, "step": step + 1, "loss": l, "lr": lr}))?;
+            bar.set_position(step as u64 + 1);
+            bar.set_message(format!("loss {l:.4}"));
+        }
+        bar.finish_and_clear();
+        s2.seconds = t0.elapsed().as_secs_f64();
+        s2.texts_per_second = (cfg.stage2_steps * cfg.batch_size) as f64 / s2.seconds.max(1e-9);
+    }
+    let val_after_stage2 = if cfg.stage2_steps > 0 {
+        let r = run_val(&student)?;
+        if let Some(r) = &r {
+            metrics.write(serde_json::json!({"stage": 2, "step": cfg.stage2_steps, "val": r}))?;
+            eprintln!(
+                "after stage 2: cosine to the teacher {:.4}",
+                r.mean_cosine_to_teacher
+            );
+        }
+        r
+    } else {
+        None
+    };
+
+    write_student(&files, &student, out)?;
+    let student_files = capivara::model::weights::resolve(&out.to_string_lossy())?;
+    let report = DistillReport {
+        teacher_text_parameters,
+        student_text_parameters: student.parameters(),
+        teacher_layers: student.teacher_layers.clone(),
+        init: student.init.clone(),
+        stage1_texts: stage1.len(),
+        stage2_samples,
+        stage1: s1,
+        stage2: s2,
+        teacher_val,
+        val_before,
+        val_after_stage1,
+        val_after_stage2,
+        bytes_teacher: model_bytes(&files),
+        bytes_student: model_bytes(&student_files),
+        out: out.to_path_buf(),
+    };
+    std::fs::write(out.join(DISTILL_FILE), serde_json::to_vec_pretty(&report)?)?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn teacher(layers: usize) -> Value {
+        serde_json::json!({
+            "vocab_size": 10, "hidden_size": 48, "num_hidden_layers": layers,
+            "num_attention_heads": 4, "intermediate_size": 96,
+            "max_position_embeddings": 32, "pad_token_id": 1
+        })
+    }
+
+    fn sc(json: &str) -> StudentConfig {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn student_config_resolves_and_rejects_bad_shapes() {
+        let (json, cfg, layers) = sc(r#"{"num_hidden_layers": 4}"#)
+            .resolve(&teacher(12))
+            .unwrap();
+        assert_eq!(layers, [0, 4, 7, 11]);
+        assert_eq!(cfg.num_hidden_layers, 4);
+        assert_eq!(cfg.hidden_size, 48);
+        assert_eq!(json["num_hidden_layers"], 4);
+        assert_eq!(json["vocab_size"], 10);
+        let (_, _, l) = sc(r#"{"num_hidden_layers": 1}"#)
+            .resolve(&teacher(12))
+            .unwrap();
+        assert_eq!(l, [11]);
+        let (_, cfg, l) = sc(
+            r#"{"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2,
+                "intermediate_size": 64, "teacher_layers": [1, 0]}"#,
+        )
+        .resolve(&teacher(2))
+        .unwrap();
+        assert_eq!(
+            (
+                cfg.hidden_size,
+                cfg.num_attention_heads,
+                cfg.intermediate_size
+            ),
+            (32, 2, 64)
+        );
+        assert_eq!(l, [1, 0]);
+        for bad in [
+            r#"{"num_hidden_layers": 0}"#,
+            r#"{"num_hidden_layers": 2, "hidden_size": 30, "num_attention_heads": 4}"#,
+            r#"{"num_hidden_layers": 2, "teacher_layers": [0]}"#,
+            r#"{"num_hidden_layers": 1, "teacher_layers": [2]}"#,
+        ] {
+            assert!(sc(bad).resolve(&teacher(2)).is_err(), "{bad}");
+        }
+        assert!(serde_json::from_str::<StudentConfig>(r#"{"num_hidden_layer": 2}"#).is_err());
+    }
+
+    #[test]
+    fn student_layers_map_to_teacher_layers() {
+        let l = [3, 7];
+        assert_eq!(
+            teacher_name(
+                "text.transformer.encoder.layer.1.attention.self.query.weight",
+                &l
+            ),
+            "text.transformer.encoder.layer.7.attention.self.query.weight"
+        );
+        assert_eq!(
+            teacher_name("text.transformer.embeddings.word_embeddings.weight", &l),
+            "text.transformer.embeddings.word_embeddings.weight"
+        );
+        assert_eq!(teacher_name("text.proj.0.weight", &l), "text.proj.0.weight");
+    }
+
+    #[test]
+    fn fresh_tensors_follow_the_xlmr_initialiser() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let w = fresh_tensor("x.dense.weight", &[200, 100], &mut rng).unwrap();
+        let v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mean = v.iter().sum::<f32>() / v.len() as f32;
+        let std = (v.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / v.len() as f32).sqrt();
+        assert!(
+            mean.abs() < 1e-3 && (std - 0.02).abs() < 1e-3,
+            "{mean} {std}"
+        );
+        let g = fresh_tensor("a.LayerNorm.weight", &[4], &mut rng).unwrap();
+        assert_eq!(g.to_vec1::<f32>().unwrap(), [1.0; 4]);
+        let b = fresh_tensor("a.dense.bias", &[3], &mut rng).unwrap();
+        assert_eq!(b.to_vec1::<f32>().unwrap(), [0.0; 3]);
+    }
+}
