@@ -14,6 +14,17 @@ use capivara::index::{HnswIndex, HnswParams, Item, VectorIndex};
 use capivara::model::config::PreprocessConfig;
 use capivara::preprocess::Preprocessor;
 
+/// Under `cargo fuzz`, libfuzzer-sys installs a panic hook that aborts at
+/// once, even for a panic the code under test catches on purpose (the image
+/// decoders are run under `catch_unwind`: a decoder bug is a 400, not a
+/// crash). The targets call this first: a hook that only reports, so a caught
+/// panic is not a finding, while an uncaught one still unwinds into
+/// libfuzzer-sys, which aborts (a crash, as before).
+pub fn report_panics_without_aborting() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| std::panic::set_hook(Box::new(|info| eprintln!("panic: {info}"))));
+}
+
 /// Image bytes: decoding either fails with an error or gives `3 x 224 x 224`
 /// finite values; never a panic, never more pixels than the limit decoded
 /// (the first byte picks a small or the default limit).

@@ -4,4 +4,7 @@
 #[path = "../harness.rs"]
 mod harness;
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| harness::http_request(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    harness::report_panics_without_aborting();
+    harness::http_request(data)
+});

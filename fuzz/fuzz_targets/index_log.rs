@@ -4,4 +4,7 @@
 #[path = "../harness.rs"]
 mod harness;
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| harness::index_log(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    harness::report_panics_without_aborting();
+    harness::index_log(data)
+});
