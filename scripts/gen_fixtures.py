@@ -37,7 +37,8 @@ Run (Python environment of ``scripts/requirements.txt``, CPU only)::
 
 ``--full-size DIR`` builds the full-size architecture (XLM-R base: vocab 250002,
 768 hidden, 12 layers; ViT-B/32; embed_dim 512) with random weights and writes
-config, text_config.json, the tiny tokenizer (copied), ``open_clip_model.safetensors``
+config, text_config.json, the tiny tokenizer (padded to 250002 entries with pieces no text
+uses, so that it matches the embedding matrix), ``open_clip_model.safetensors``
 (~1.5 GB), ``reference.json`` and ``reference_pixels.safetensors`` into DIR, using
 the images of tests/fixtures/images (run the default mode first).  It never
 writes into tests/fixtures.  Its outputs are not meant to be committed.
@@ -1034,6 +1035,24 @@ def generate_tiny():
     check_reload(tiny, text_config, ids, images, expected, preprocess)
 
 
+def pad_vocab(tokenizer_file: Path, size: int):
+    """Pad a Unigram ``tokenizer.json`` to ``size`` entries, as XLM-R's 250002, so that the
+    vocabulary matches the embedding matrix (``prune-vocab`` checks it).  The padding pieces are
+    private-use characters with a very low score: no real text ever uses them, so every text is
+    tokenized exactly as before."""
+    tok = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+    vocab = tok["model"]["vocab"]
+    n = len(vocab)
+    if n >= size:
+        return
+    # Two private-use characters per piece: 6400 * 6400 combinations, far more than needed.
+    vocab.extend([chr(0xE000 + i // 6400) + chr(0xE000 + i % 6400), -100.0] for i in range(size - n))
+    tokenizer_file.write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
+    back = Tokenizer.from_file(str(tokenizer_file))
+    assert back.get_vocab_size() == size, back.get_vocab_size()
+    print(f"  tokenizer padded from {n} to {size} entries")
+
+
 def generate_full(out_dir: Path):
     out_dir = out_dir.resolve()
     if out_dir == FIXTURES.resolve() or FIXTURES.resolve() in out_dir.parents or out_dir in FIXTURES.resolve().parents:
@@ -1048,6 +1067,7 @@ def generate_full(out_dir: Path):
 
     t0 = time.time()
     text_config = full_text_config()
+    pad_vocab(out_dir / "tokenizer.json", text_config.vocab_size)
     model = build_model(copy.deepcopy(FULL_MODEL_CFG), text_config)
     randomise(model, SEED + 100)
     sd = model_state_dict(model)

@@ -569,6 +569,7 @@ fn main() -> std::process::ExitCode {
                 "optimizer": optim::AdamConfig::default(),
                 "lr": 1e-5, "min_lr": 1e-6, "warmup_steps": 250, "max_steps": 1500,
                 "batch_size": 1000,
+                "zero_shot_templates": capivara::zeroshot::DEFAULT_TEMPLATES,
             }))
         }
         Command::Inspect { shards, tsv } => inspect(&shards, &tsv),
