@@ -59,6 +59,16 @@ impl Skipped {
 
 /// Expands shell-style braces: `data/{00000..00165}.tar` (zero padding kept
 /// from the first bound), `{a,b}`, several groups.
+/// The captions evaluation uses for a sample: its original captions, or its
+/// generated ones when it has none.
+pub fn eval_captions<'a>(captions: &'a [String], generated: &'a [String]) -> &'a [String] {
+    if captions.is_empty() {
+        generated
+    } else {
+        captions
+    }
+}
+
 pub fn expand_braces(pattern: &str) -> Result<Vec<String>, String> {
     let Some(open) = pattern.find('{') else {
         return Ok(vec![pattern.to_string()]);

@@ -23,7 +23,6 @@
 //! `text_config.json`).
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -42,6 +41,8 @@ use serde_json::Value;
 
 use crate::dataset::{expand_all, mix, Batches, FeatureSet};
 use crate::eval::{retrieval, RetrievalReport};
+use crate::fit::Metrics;
+use crate::loss::add_grads;
 use crate::loss::clip_loss;
 use crate::optim::{Adam, AdamConfig, Schedule};
 
@@ -211,15 +212,7 @@ impl Student {
         let names: HashSet<String> = ck.names().into_iter().collect();
         let mut init = InitReport::default();
         let mut rng = rand::rngs::StdRng::seed_from_u64(mix(seed, 0x5EED));
-        let mut vars: Vec<(String, Var)> = varmap
-            .data()
-            .lock()
-            .expect("varmap lock")
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        for (name, var) in vars {
+        for (name, var) in crate::model::sorted_vars(&varmap) {
             let tname = teacher_name(&name, &layers);
             let from_teacher = if names.contains(&tname) {
                 let t = ck.tensor(&tname)?;
@@ -255,10 +248,7 @@ impl Student {
 
     /// The trainable tensors, sorted by name.
     pub fn vars(&self) -> Vec<(String, Var)> {
-        let data = self.varmap.data().lock().expect("varmap lock");
-        let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
+        crate::model::sorted_vars(&self.varmap)
     }
 
     /// Number of scalars of the student's text tower.
@@ -326,6 +316,19 @@ pub struct StageReport {
     pub texts_per_second: f64,
 }
 
+impl StageReport {
+    /// A stage with no steps.
+    fn skipped() -> Self {
+        Self {
+            steps: 0,
+            first_loss: None,
+            final_loss: None,
+            seconds: 0.0,
+            texts_per_second: 0.0,
+        }
+    }
+}
+
 /// What `distill` reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct DistillReport {
@@ -362,15 +365,9 @@ impl TeacherCache {
                 distinct.push(t.clone());
             }
         }
-        let mut parts = Vec::new();
-        for c in distinct.chunks(chunk.max(1)) {
-            parts.push(pipeline.embed_texts(c)?.to_device(&Device::Cpu)?);
-        }
-        ensure!(!parts.is_empty(), "no texts to distil on");
-        Ok(Self {
-            rows,
-            emb: Tensor::cat(&parts, 0)?,
-        })
+        ensure!(!distinct.is_empty(), "no texts to distil on");
+        let emb = crate::eval::embed_texts(pipeline, &distinct, chunk)?;
+        Ok(Self { rows, emb })
     }
 
     fn get(&self, texts: &[String], device: &Device) -> anyhow::Result<Tensor> {
@@ -383,26 +380,16 @@ impl TeacherCache {
     }
 }
 
-/// Texts held out for validation: each sample's original captions (its
-/// generated ones when it has none), with the owning sample.
-fn val_texts(shards: &[PathBuf]) -> (Vec<String>, Vec<String>) {
-    let mut keys = Vec::new();
+/// The held-out shards' captions, as evaluation picks them.
+fn val_texts(shards: &[PathBuf]) -> Vec<String> {
     let mut texts = Vec::new();
     for s in shards {
         let (samples, _) = crate::data::read_source(s, false);
         for smp in samples {
-            let caps = if smp.captions.is_empty() {
-                smp.generated
-            } else {
-                smp.captions
-            };
-            for c in caps {
-                keys.push(smp.key.clone());
-                texts.push(c);
-            }
+            texts.extend_from_slice(crate::data::eval_captions(&smp.captions, &smp.generated));
         }
     }
-    (keys, texts)
+    texts
 }
 
 struct Val {
@@ -428,16 +415,9 @@ fn embed_student(
     Ok(Tensor::cat(&parts, 0)?)
 }
 
-fn cosine_rows(a: &Tensor, b: &Tensor) -> anyhow::Result<(f64, f64)> {
-    let c = (a * b)?.sum(D::Minus1)?.to_vec1::<f32>()?;
-    let mean = c.iter().map(|&x| x as f64).sum::<f64>() / c.len().max(1) as f64;
-    let min = c.iter().fold(f64::INFINITY, |m, &x| m.min(x as f64));
-    Ok((mean, min))
-}
-
 fn validate(val: &Val, emb: &Tensor, cache: &TeacherCache) -> anyhow::Result<ValReport> {
     let teacher = cache.get(&val.texts, &Device::Cpu)?;
-    let (mean, min) = cosine_rows(emb, &teacher)?;
+    let (mean, min) = crate::eval::cosine_stats(emb, &teacher)?;
     let retrieval = match &val.images {
         Some((images, owner)) => Some(retrieval(images, &emb.narrow(0, 0, owner.len())?, owner)?),
         None => None,
@@ -514,40 +494,62 @@ fn read_lines(path: &Path, flag: &str) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
-struct Metrics(std::fs::File);
-
-impl Metrics {
-    fn write(&mut self, v: Value) -> anyhow::Result<()> {
-        writeln!(self.0, "{v}")?;
-        Ok(())
-    }
+/// What every step of a stage shares.
+struct Stages {
+    vars: Vec<(String, Var)>,
+    adam: AdamConfig,
+    metrics: Metrics,
+    progress: bool,
 }
 
-fn grads_of(loss: &Tensor, vars: &[(String, Var)]) -> anyhow::Result<HashMap<String, Tensor>> {
-    let store = loss.backward()?;
-    let mut out = HashMap::new();
-    for (name, var) in vars {
-        if let Some(g) = store.get(var.as_tensor()) {
-            out.insert(name.clone(), g.clone());
+impl Stages {
+    /// Runs stage `stage` on a fresh optimizer: `loss_of(step)` gives the
+    /// step's loss (with the graph) and how many texts it embedded.
+    fn run(
+        &mut self,
+        stage: u8,
+        sched: Schedule,
+        lr_flag: &str,
+        mut loss_of: impl FnMut(usize) -> anyhow::Result<(Tensor, usize)>,
+    ) -> anyhow::Result<StageReport> {
+        let steps = sched.max_steps;
+        let mut opt = Adam::new(self.vars.clone(), self.adam.clone())?;
+        let bar = crate::fit::progress_bar(steps, self.progress, &format!("stage {stage}"));
+        let mut report = StageReport {
+            steps,
+            first_loss: None,
+            final_loss: None,
+            seconds: 0.0,
+            texts_per_second: 0.0,
+        };
+        let t0 = Instant::now();
+        let mut texts = 0usize;
+        for step in 0..steps {
+            let (loss, n) = loss_of(step)?;
+            let mut grads = HashMap::new();
+            add_grads(&mut grads, &self.vars, &loss.backward()?)?;
+            let lr = sched.at(step);
+            opt.apply(&grads, lr)?;
+            let l = loss.to_scalar::<f32>()?;
+            ensure!(
+                l.is_finite(),
+                "stage {stage}: the loss is {l} at step {}: lower {lr_flag}",
+                step + 1
+            );
+            report.first_loss.get_or_insert(l);
+            report.final_loss = Some(l);
+            texts += n;
+            self.metrics.write(
+                serde_json::json!({"stage": stage, "step": step + 1, "loss": l, "lr": lr}),
+            )?;
+            bar.set_position(step as u64 + 1);
+            bar.set_message(format!("loss {l:.4}"));
         }
+        bar.finish_and_clear();
+        report.seconds = t0.elapsed().as_secs_f64();
+        report.texts_per_second = texts as f64 / report.seconds.max(1e-9);
+        Ok(report)
     }
-    Ok(out)
-}
-
-fn new_bar(steps: usize, progress: bool, what: &str) -> indicatif::ProgressBar {
-    let bar = if progress {
-        indicatif::ProgressBar::new(steps as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(&format!(
-            "{what} {{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {{msg}}"
-        ))
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar
 }
 
 /// Runs both stages and writes the student into `out`.
@@ -580,14 +582,7 @@ pub fn distill(cfg: &DistillConfig, out: &Path, progress: bool) -> anyhow::Resul
     let files = capivara::model::weights::resolve(&cfg.teacher)?;
     let pipeline = Pipeline::from_files(files.clone(), &device, DType::F32)?;
     let student = Student::new(&files, &cfg.student, &device, cfg.seed)?;
-    let teacher_text_parameters = {
-        let ck = Checkpoint::open(&files.weights)?;
-        let mut n = 0;
-        for name in ck.names().iter().filter(|n| n.starts_with("text.")) {
-            n += ck.tensor(name)?.elem_count();
-        }
-        n
-    };
+    let teacher_text_parameters = crate::eval::parameter_counts(&files)?.1;
     eprintln!(
         "student: {} layers from teacher layers {:?}, {} text parameters ({} tensors from the teacher, {} fresh)",
         student.hf.num_hidden_layers,
@@ -652,7 +647,7 @@ pub fn distill(cfg: &DistillConfig, out: &Path, progress: bool) -> anyhow::Resul
                 images: Some((images, owner)),
             },
             None => {
-                let (_, texts) = val_texts(&vshards);
+                let texts = val_texts(&vshards);
                 ensure!(!texts.is_empty(), "the validation shards have no caption");
                 Val {
                     texts,
@@ -725,21 +720,21 @@ pub fn distill(cfg: &DistillConfig, out: &Path, progress: bool) -> anyhow::Resul
             r.mean_cosine_to_teacher, r.texts
         );
     }
-    let adam = AdamConfig {
-        weight_decay: cfg.weight_decay,
-        ..AdamConfig::default()
+    let mut stages = Stages {
+        vars: student.vars(),
+        adam: AdamConfig {
+            weight_decay: cfg.weight_decay,
+            ..AdamConfig::default()
+        },
+        metrics,
+        progress,
     };
-    let vars = student.vars();
+    let tokens = |texts: &[String]| -> anyhow::Result<Tensor> {
+        Ok(pipeline.tokenizer.encode_batch(texts)?.to_tensor(&device)?)
+    };
 
     // Stage 1: feature distillation.
-    let mut s1 = StageReport {
-        steps: cfg.stage1_steps,
-        first_loss: None,
-        final_loss: None,
-        seconds: 0.0,
-        texts_per_second: 0.0,
-    };
-    if cfg.stage1_steps > 0 {
+    let s1 = if cfg.stage1_steps > 0 {
         let mut batches = Batches::new(
             stage1.len(),
             cfg.batch_size.min(stage1.len()),
@@ -747,49 +742,30 @@ pub fn distill(cfg: &DistillConfig, out: &Path, progress: bool) -> anyhow::Resul
             None,
         )
         .context("stage 1 needs at least 2 distinct texts")?;
-        let mut opt = Adam::new(vars.clone(), adam.clone())?;
         let sched = Schedule {
             lr: cfg.lr,
             min_lr: cfg.min_lr,
             warmup: cfg.warmup_steps.min(cfg.stage1_steps / 2),
             max_steps: cfg.stage1_steps,
         };
-        let bar = new_bar(cfg.stage1_steps, progress, "stage 1");
-        let t0 = Instant::now();
-        let mut texts_done = 0usize;
-        for step in 0..cfg.stage1_steps {
-            let idx = batches.indices(step);
-            let texts: Vec<String> = idx.iter().map(|&i| stage1[i].clone()).collect();
-            let ids = pipeline
-                .tokenizer
-                .encode_batch(&texts)?
-                .to_tensor(&device)?;
+        stages.run(1, sched, "--lr", |step| {
+            let texts: Vec<String> = batches
+                .indices(step)
+                .iter()
+                .map(|&i| stage1[i].clone())
+                .collect();
             let target = cache.get(&texts, &device)?;
-            let loss = cosine_loss(&student.embed(&ids)?, &target)?;
-            let grads = grads_of(&loss, &vars)?;
-            let lr = sched.at(step);
-            opt.apply(&grads, lr)?;
-            let l = loss.to_scalar::<f32>()?;
-            ensure!(
-                l.is_finite(),
-                "stage 1: the loss is {l} at step {}: lower --lr",
-                step + 1
-            );
-            s1.first_loss.get_or_insert(l);
-            s1.final_loss = Some(l);
-            texts_done += texts.len();
-            metrics
-                .write(serde_json::json!({"stage": 1, "step": step + 1, "loss": l, "lr": lr}))?;
-            bar.set_position(step as u64 + 1);
-            bar.set_message(format!("loss {l:.4}"));
-        }
-        bar.finish_and_clear();
-        s1.seconds = t0.elapsed().as_secs_f64();
-        s1.texts_per_second = texts_done as f64 / s1.seconds.max(1e-9);
-    }
+            let loss = cosine_loss(&student.embed(&tokens(&texts)?)?, &target)?;
+            Ok((loss, texts.len()))
+        })?
+    } else {
+        StageReport::skipped()
+    };
     let val_after_stage1 = run_val(&student)?;
     if let Some(r) = &val_after_stage1 {
-        metrics.write(serde_json::json!({"stage": 1, "step": cfg.stage1_steps, "val": r}))?;
+        stages
+            .metrics
+            .write(serde_json::json!({"stage": 1, "step": cfg.stage1_steps, "val": r}))?;
         eprintln!(
             "after stage 1: cosine to the teacher {:.4}",
             r.mean_cosine_to_teacher
@@ -797,68 +773,42 @@ pub fn distill(cfg: &DistillConfig, out: &Path, progress: bool) -> anyhow::Resul
     }
 
     // Stage 2: contrastive alignment with the frozen image features.
-    let mut s2 = StageReport {
-        steps: cfg.stage2_steps,
-        first_loss: None,
-        final_loss: None,
-        seconds: 0.0,
-        texts_per_second: 0.0,
-    };
     let stage2_samples = set.as_ref().map_or(0, FeatureSet::len);
-    if let Some(set) = set.as_ref().filter(|_| cfg.stage2_steps > 0) {
-        let mut batches = Batches::new(set.len(), cfg.batch_size, mix(cfg.seed, 2), None)?;
-        let mut opt = Adam::new(vars.clone(), adam.clone())?;
-        let sched = Schedule {
-            lr: cfg.stage2_lr,
-            min_lr: cfg.min_lr.min(cfg.stage2_lr),
-            warmup: cfg.warmup_steps.min(cfg.stage2_steps / 2),
-            max_steps: cfg.stage2_steps,
-        };
-        let scale = pipeline
-            .clip
-            .logit_scale
-            .to_dtype(DType::F32)?
-            .to_device(&device)?;
-        let bar = new_bar(cfg.stage2_steps, progress, "stage 2");
-        let t0 = Instant::now();
-        for step in 0..cfg.stage2_steps {
-            let idx = batches.indices(step);
-            let texts = batches.captions(set, &idx, step);
-            let images = set.rows(&idx, &device)?;
-            let ids = pipeline
-                .tokenizer
-                .encode_batch(&texts)?
-                .to_tensor(&device)?;
-            let emb = student.embed(&ids)?;
-            let mut loss = clip_loss(&images, &emb, &scale)?;
-            if cfg.distill_weight > 0.0 {
-                let target = cache.get(&texts, &device)?;
-                loss = (loss + (cosine_loss(&emb, &target)? * cfg.distill_weight)?)?;
-            }
-            let grads = grads_of(&loss, &vars)?;
-            let lr = sched.at(step);
-            opt.apply(&grads, lr)?;
-            let l = loss.to_scalar::<f32>()?;
-            ensure!(
-                l.is_finite(),
-                "stage 2: the loss is {l} at step {}: lower --stage2-lr",
-                step + 1
-            );
-            s2.first_loss.get_or_insert(l);
-            s2.final_loss = Some(l);
-            metrics
-                .write(serde_json::json!({"stage": 2, "step": step + 1, "loss": l, "lr": lr}))?;
-            bar.set_position(step as u64 + 1);
-            bar.set_message(format!("loss {l:.4}"));
+    let s2 = match set.as_ref().filter(|_| cfg.stage2_steps > 0) {
+        Some(set) => {
+            let mut batches = Batches::new(set.len(), cfg.batch_size, mix(cfg.seed, 2), None)?;
+            let sched = Schedule {
+                lr: cfg.stage2_lr,
+                min_lr: cfg.min_lr.min(cfg.stage2_lr),
+                warmup: cfg.warmup_steps.min(cfg.stage2_steps / 2),
+                max_steps: cfg.stage2_steps,
+            };
+            let scale = pipeline
+                .clip
+                .logit_scale
+                .to_dtype(DType::F32)?
+                .to_device(&device)?;
+            stages.run(2, sched, "--stage2-lr", |step| {
+                let idx = batches.indices(step);
+                let texts = batches.captions(set, &idx, step);
+                let images = set.rows(&idx, &device)?;
+                let emb = student.embed(&tokens(&texts)?)?;
+                let mut loss = clip_loss(&images, &emb, &scale)?;
+                if cfg.distill_weight > 0.0 {
+                    let target = cache.get(&texts, &device)?;
+                    loss = (loss + (cosine_loss(&emb, &target)? * cfg.distill_weight)?)?;
+                }
+                Ok((loss, texts.len()))
+            })?
         }
-        bar.finish_and_clear();
-        s2.seconds = t0.elapsed().as_secs_f64();
-        s2.texts_per_second = (cfg.stage2_steps * cfg.batch_size) as f64 / s2.seconds.max(1e-9);
-    }
+        None => StageReport::skipped(),
+    };
     let val_after_stage2 = if cfg.stage2_steps > 0 {
         let r = run_val(&student)?;
         if let Some(r) = &r {
-            metrics.write(serde_json::json!({"stage": 2, "step": cfg.stage2_steps, "val": r}))?;
+            stages
+                .metrics
+                .write(serde_json::json!({"stage": 2, "step": cfg.stage2_steps, "val": r}))?;
             eprintln!(
                 "after stage 2: cosine to the teacher {:.4}",
                 r.mean_cosine_to_teacher

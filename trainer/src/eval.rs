@@ -252,7 +252,11 @@ pub fn embed_distinct(
 }
 
 /// Embeds texts with a loaded pipeline in chunks of `chunk` (CPU tensor).
-fn embed_texts(pipeline: &Pipeline, texts: &[String], chunk: usize) -> anyhow::Result<Tensor> {
+pub(crate) fn embed_texts(
+    pipeline: &Pipeline,
+    texts: &[String],
+    chunk: usize,
+) -> anyhow::Result<Tensor> {
     embed_distinct(texts, |distinct| {
         let mut rows = Vec::new();
         for c in distinct.chunks(chunk.max(1)) {
@@ -309,12 +313,7 @@ pub fn shard_set(
         .filter(|(i, _)| !bad.contains(i))
         .map(|(_, s)| s);
     for (row, s) in good.enumerate() {
-        let caps = if s.captions.is_empty() {
-            &s.generated
-        } else {
-            &s.captions
-        };
-        for c in caps {
+        for c in crate::data::eval_captions(&s.captions, &s.generated) {
             texts.push(c.clone());
             owner.push(row);
         }
@@ -464,6 +463,15 @@ pub struct Comparison {
     pub student_to_teacher_speed: f64,
 }
 
+/// Mean and minimum of the row-wise cosines of two row-aligned sets of unit
+/// vectors.
+pub fn cosine_stats(a: &Tensor, b: &Tensor) -> anyhow::Result<(f64, f64)> {
+    let c = (a * b)?.sum(1)?.to_vec1::<f32>()?;
+    let mean = c.iter().map(|&x| x as f64).sum::<f64>() / c.len().max(1) as f64;
+    let min = c.iter().fold(f64::INFINITY, |m, &x| m.min(x as f64));
+    Ok((mean, min))
+}
+
 /// All and text-tower parameters of a model's checkpoint.
 pub fn parameter_counts(files: &capivara::model::ModelFiles) -> anyhow::Result<(usize, usize)> {
     let ck = capivara::model::Checkpoint::open(&files.weights)?;
@@ -558,9 +566,7 @@ pub fn compare(
     let texts = &texts_of[0];
     let a = embed_texts(teacher, texts, data.chunk)?;
     let b = embed_texts(student, texts, data.chunk)?;
-    let cos = (a * b)?.sum(1)?.to_vec1::<f32>()?;
-    let mean = cos.iter().map(|&c| c as f64).sum::<f64>() / cos.len().max(1) as f64;
-    let min = cos.iter().fold(f64::INFINITY, |m, &c| m.min(c as f64));
+    let (mean, min) = cosine_stats(&a, &b)?;
     let agreement = (preds.len() == 2).then(|| {
         let same = preds[0]
             .iter()

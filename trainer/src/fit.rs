@@ -208,12 +208,7 @@ impl ValSet {
         let mut texts = Vec::new();
         let mut owner = Vec::new();
         for (i, it) in set.items.iter().enumerate() {
-            let caps = if it.captions.is_empty() {
-                &it.generated
-            } else {
-                &it.captions
-            };
-            for c in caps {
+            for c in crate::data::eval_captions(&it.captions, &it.generated) {
                 texts.push(c.clone());
                 owner.push(i);
             }
@@ -240,14 +235,37 @@ impl ValSet {
     }
 }
 
-struct Metrics(std::fs::File);
+/// A `metrics.jsonl` file: one JSON object per line, flushed as written.
+pub(crate) struct Metrics(pub(crate) std::fs::File);
 
 impl Metrics {
-    fn write(&mut self, v: serde_json::Value) -> anyhow::Result<()> {
+    pub(crate) fn write(&mut self, v: serde_json::Value) -> anyhow::Result<()> {
         writeln!(self.0, "{v}")?;
         self.0.flush()?;
         Ok(())
     }
+}
+
+/// A progress bar of `len` steps (hidden unless `show`), prefixed by `label`.
+pub(crate) fn progress_bar(len: usize, show: bool, label: &str) -> indicatif::ProgressBar {
+    let bar = if show {
+        indicatif::ProgressBar::new(len as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let label = if label.is_empty() {
+        String::new()
+    } else {
+        format!("{label} ")
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{label}{{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {{msg}}"
+        ))
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar
 }
 
 /// Runs (or resumes) a training run into `out`.
@@ -368,16 +386,7 @@ pub fn fit(
     };
 
     let max = cfg.schedule.max_steps;
-    let bar = if progress {
-        indicatif::ProgressBar::new(max as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
+    let bar = progress_bar(max, progress, "");
     bar.set_position(start as u64);
     let started = Instant::now();
     let (mut first_loss, mut last_loss) = (None, None);

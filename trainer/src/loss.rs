@@ -78,7 +78,8 @@ fn set_dropout(model: &TrainModel, seed: u64, first_row: usize) {
     model.dropout.set(seed, first_row);
 }
 
-fn add_grads(
+/// Adds the gradients `store` holds for `vars` (as f32) into `acc`, by name.
+pub(crate) fn add_grads(
     acc: &mut HashMap<String, Tensor>,
     vars: &[(String, Var)],
     store: &candle_core::backprop::GradStore,

@@ -135,6 +135,14 @@ impl SimpleBackend for Routed {
     }
 }
 
+/// The variables of `varmap`, sorted by name.
+pub fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
 /// The CLIP under training with its tokenizer and trainable variables.
 pub struct TrainModel {
     pub clip: Clip,
@@ -202,10 +210,7 @@ impl TrainModel {
 
     /// The trainable variables, sorted by name.
     pub fn vars(&self) -> Vec<(String, Var)> {
-        let data = self.varmap.data().lock().expect("varmap lock");
-        let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
+        sorted_vars(&self.varmap)
     }
 
     /// Number of trainable scalars.
