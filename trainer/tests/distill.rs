@@ -4,50 +4,15 @@
 //! tensor is trained, the student directory serves, and the comparison
 //! reports what it should.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use capivara::Pipeline;
 use capivara_trainer::distill::{cosine_loss, Student, StudentConfig};
 use serde_json::Value;
 
-fn tiny() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny")
-}
-
-fn s(p: &Path) -> String {
-    p.to_str().unwrap().to_string()
-}
-
-fn cli(args: &[String]) -> (bool, Value, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_capivara-train"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
-    let json = if o.status.success() {
-        serde_json::from_slice(&o.stdout).unwrap()
-    } else {
-        Value::Null
-    };
-    (o.status.success(), json, stderr)
-}
-
-fn ok(args: &[&str]) -> Value {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    let (ok, json, stderr) = cli(&args);
-    assert!(ok, "capivara-train {args:?} failed: {stderr}");
-    json
-}
-
-fn fails(args: &[&str]) -> String {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    let (ok, _, stderr) = cli(&args);
-    assert!(!ok, "capivara-train {args:?} should have failed");
-    stderr
-}
+mod common;
+use common::{fails, ok, s, tiny};
 
 /// Stage 1's extra texts (Portuguese, some English).
 const TEXTS: &[&str] = &[

@@ -2,52 +2,14 @@
 //! synthetic dataset of coloured shapes: features -> fit -> merge -> eval ->
 //! serve; resume; and the errors a user meets.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use capivara::model::Checkpoint;
 use serde_json::Value;
 
-fn tiny() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny")
-}
-
-struct Out {
-    ok: bool,
-    json: Value,
-    stderr: String,
-}
-
-fn cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Out {
-    let o = Command::new(env!("CARGO_BIN_EXE_capivara-train"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
-    let json = if o.status.success() {
-        serde_json::from_slice(&o.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {stderr}"))
-    } else {
-        Value::Null
-    };
-    Out {
-        ok: o.status.success(),
-        json,
-        stderr,
-    }
-}
-
-fn ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Value {
-    let o = cli(args);
-    assert!(o.ok, "capivara-train failed: {}", o.stderr);
-    o.json
-}
-
-fn s(p: &Path) -> String {
-    p.to_str().unwrap().to_string()
-}
+mod common;
+use common::{cli, ok, s, tiny};
 
 /// Shards, features and a zero-shot folder under `dir`.
 fn dataset(dir: &Path, train_per_shard: usize) {

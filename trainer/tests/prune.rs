@@ -2,8 +2,6 @@
 //! embeddings for any text made of the corpus's words, a smaller embedding
 //! matrix, and clear errors on what it cannot prune.
 
-use std::path::{Path, PathBuf};
-
 use candle_core::{DType, Device};
 use capivara::model::weights::resolve;
 use capivara::Pipeline;
@@ -12,9 +10,8 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-fn tiny() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny")
-}
+mod common;
+use common::tiny;
 
 const CORPUS: &[&str] = &[
     "uma foto de um gato dormindo no sofá",
