@@ -447,4 +447,12 @@ fn distill_refuses_bad_settings_clearly() {
     ]);
     let e = run(&good, &[]);
     assert!(e.contains("already holds a model"), "{e}");
+    // eval --teacher needs held-out data; without --teacher, retrieval and
+    // zero-shot data are one or the other.
+    let e = fails(&["eval", "--model", &out, "--teacher", &m]);
+    assert!(e.contains("give --shards"), "{e}");
+    let e = fails(&[
+        "eval", "--model", &m, "--shards", &shard, "--images", &out, "--labels", &good,
+    ]);
+    assert!(e.contains("not both (both only with --teacher)"), "{e}");
 }
