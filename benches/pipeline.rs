@@ -80,7 +80,7 @@ fn preprocess(c: &mut Criterion) {
 fn tokenize(c: &mut Criterion) {
     let tok = TextTokenizer::from_file(&fixtures().join("tiny/tokenizer.json"), 77, 1)
         .expect("fixture tokenizer");
-    let texts: Vec<&str> = capivara::bench::PROMPTS.to_vec();
+    let texts: Vec<&str> = capivara::bench::prompts();
     let mut g = c.benchmark_group("tokenize");
     g.throughput(Throughput::Elements(texts.len() as u64));
     g.bench_function("16 prompts", |b| {

@@ -17,7 +17,7 @@ What it measures
     All engines embed the same inputs: images = one deterministic synthetic
     224x224 picture (the one ``capivara bench`` makes, ``src/bench.rs``),
     preprocessed once and repeated ``batch`` times; texts = the 16 Portuguese
-    prompts of ``src/bench.rs`` (``PROMPTS`` below, handed to capivara with
+    prompts of ``benches/prompts.txt`` (``PROMPTS`` below, handed to capivara with
     ``--texts``) cycled to ``batch``, tokenized once with open_clip's
     ``HFTokenizer`` on the model directory's ``tokenizer.json`` and padded to the
     longest text of the batch, as capivara does (the token count is reported: the
@@ -115,26 +115,11 @@ import transformers  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import XLMRobertaConfig  # noqa: E402
 
-# The prompts of src/bench.rs (PROMPTS). They are written to a file and given to
-# `capivara bench --texts`, so both sides embed exactly these.
-PROMPTS = [
-    "uma foto de um cachorro correndo na praia",
-    "uma capivara descansando na beira do rio",
-    "um gato preto dormindo no sofá da sala",
-    "duas crianças jogando futebol na rua",
-    "um prato de feijoada com arroz e farofa",
-    "o pôr do sol visto do alto do morro",
-    "uma bicicleta vermelha encostada no muro",
-    "pessoas caminhando no parque em um dia de sol",
-    "um barco de pesca no mar ao amanhecer",
-    "uma mulher lendo um livro na biblioteca",
-    "um ônibus amarelo parado no ponto",
-    "uma arara azul pousada em um galho",
-    "um homem tocando violão na calçada",
-    "um bolo de chocolate com morangos em cima",
-    "a vista da cidade à noite com muitas luzes",
-    "um cavalo branco pastando no campo verde",
-]
+# The benchmark prompts: benches/prompts.txt, the file `capivara bench` embeds by
+# default (src/bench.rs includes it). They are given to `capivara bench --texts`
+# as well, so both sides embed exactly these.
+PROMPTS_FILE = Path(__file__).resolve().parent.parent / "benches" / "prompts.txt"
+PROMPTS = [line.strip() for line in PROMPTS_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 # Texts of the agreement check: a few prompts and harder cases (accents, symbols,
 # entities, ligatures, extra whitespace, a long text).
@@ -914,7 +899,7 @@ def main():
     print(f"- protocol: {a.warmup} warm-up passes, then >= {a.seconds:g} s and >= {a.iters} passes per row; "
           f"PyTorch, capivara{', ORT fp32, ORT int8' if a.onnx else ''} alternating per row; "
           f"{a.repeats} repeat(s), median")
-    print(f"- texts: the {len(PROMPTS)} prompts of src/bench.rs cycled to the batch, "
+    print(f"- texts: the {len(PROMPTS)} prompts of benches/prompts.txt cycled to the batch, "
           f"{min(lengths)}-{max(lengths)} tokens each (incl. <s> </s>), padded to the longest of the batch "
           f"(`tokens` column)\n")
     print(markdown_table(rows, a.cuda or a.dtypes != ["f32"], a.onnx, a.int8))

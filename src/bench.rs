@@ -12,25 +12,18 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::pipeline::Pipeline;
 
-/// Portuguese prompts of 8 to 16 tokens with XLM-R's tokenizer.
-pub const PROMPTS: &[&str] = &[
-    "uma foto de um cachorro correndo na praia",
-    "uma capivara descansando na beira do rio",
-    "um gato preto dormindo no sofá da sala",
-    "duas crianças jogando futebol na rua",
-    "um prato de feijoada com arroz e farofa",
-    "o pôr do sol visto do alto do morro",
-    "uma bicicleta vermelha encostada no muro",
-    "pessoas caminhando no parque em um dia de sol",
-    "um barco de pesca no mar ao amanhecer",
-    "uma mulher lendo um livro na biblioteca",
-    "um ônibus amarelo parado no ponto",
-    "uma arara azul pousada em um galho",
-    "um homem tocando violão na calçada",
-    "um bolo de chocolate com morangos em cima",
-    "a vista da cidade à noite com muitas luzes",
-    "um cavalo branco pastando no campo verde",
-];
+/// Portuguese prompts of 8 to 16 tokens with XLM-R's tokenizer, one per
+/// line: `benches/prompts.txt`, which `scripts/compare_torch.py` reads too.
+pub const PROMPTS_FILE: &str = include_str!("../benches/prompts.txt");
+
+/// The prompts of [`PROMPTS_FILE`].
+pub fn prompts() -> Vec<&'static str> {
+    PROMPTS_FILE
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect()
+}
 
 /// Which tower.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -130,7 +123,7 @@ pub fn measure(
 
 /// The default texts as owned strings.
 pub fn default_texts() -> Vec<String> {
-    PROMPTS.iter().map(|s| s.to_string()).collect()
+    prompts().into_iter().map(String::from).collect()
 }
 
 /// Whether `device` is a GPU (for reports).
