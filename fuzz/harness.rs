@@ -44,7 +44,7 @@ pub fn preprocess(data: &[u8]) {
         assert_eq!(v.len(), 3 * 224 * 224);
         assert!(v.iter().all(|x| x.is_finite()));
     }
-    if let Ok((v, thumb)) = p.preprocess_with_thumbnail(bytes, 64) {
+    if let Ok((v, thumb)) = capivara::thumbnail::pixels_and_thumbnail(&p, bytes, 64) {
         assert_eq!(v.len(), 3 * 224 * 224);
         assert!(
             thumb.starts_with(&[0xFF, 0xD8]),

@@ -1,6 +1,7 @@
 //! `capivara index`: bulk ingest of image folders and webdataset shards into
-//! a data directory, in the same format the server writes (the index log and
-//! snapshots, thumbnails), under the data directory's lock.
+//! an index backend (the data directory, in the same format the server
+//! writes, under its lock), through the same [`Backend::insert`] as
+//! `POST /images`.
 //!
 //! Ids: for a file under a folder given on the command line, its path
 //! relative to that folder; for a file given directly, its name; for a shard
@@ -16,8 +17,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use crate::datadir::Thumbnails;
-use crate::index::{Item, VectorIndex, MAX_ID_LEN};
+use crate::index::{Backend, NewImage, MAX_ID_LEN};
 use crate::pipeline::Pipeline;
 use crate::webdataset::{self, Want, IMAGE_EXTS};
 
@@ -144,13 +144,12 @@ fn shard_jobs(shard: &Path, used: &mut HashSet<String>) -> (Vec<Job>, Option<Str
     (jobs, err.map(|e| format!("{}: {e}", shard.display())))
 }
 
-/// Ingests `inputs` (folders, image files, `.tar` shards) into `index` and
-/// `thumbnails` in batches of `batch`. Unreadable inputs and undecodable
-/// images are reported on stderr and skipped.
-pub fn run(
+/// Ingests `inputs` (folders, image files, `.tar` shards) into `index` in
+/// batches of `batch`. Unreadable inputs and undecodable images are reported
+/// on stderr and skipped.
+pub async fn run(
     pipeline: &Pipeline,
-    index: &dyn VectorIndex,
-    thumbnails: &Thumbnails,
+    index: &dyn Backend,
     inputs: &[PathBuf],
     batch: usize,
     progress: bool,
@@ -198,33 +197,32 @@ pub fn run(
         .progress_chars("=> "),
     );
     let mut report = Report::default();
-    let ingest = |jobs: Vec<Job>, report: &mut Report| -> anyhow::Result<()> {
-        for chunk in jobs.chunks(batch.max(1)) {
-            ingest_batch(pipeline, index, thumbnails, chunk, report)?;
-            bar.inc(chunk.len() as u64);
-        }
-        Ok(())
-    };
-    ingest(files, &mut report)?;
+    let batch = batch.max(1);
+    for chunk in files.chunks(batch) {
+        ingest_batch(pipeline, index, chunk, &mut report).await?;
+        bar.inc(chunk.len() as u64);
+    }
     for shard in shards {
         let (jobs, err) = shard_jobs(&shard, &mut used);
         if let Some(e) = err {
             eprintln!("warning: {e} (kept the {} samples read before)", jobs.len());
         }
         bar.inc_length(jobs.len() as u64);
-        ingest(jobs, &mut report)?;
+        for chunk in jobs.chunks(batch) {
+            ingest_batch(pipeline, index, chunk, &mut report).await?;
+            bar.inc(chunk.len() as u64);
+        }
     }
     bar.finish_and_clear();
     report.seconds = started.elapsed().as_secs_f64();
     report.images_per_second = report.indexed as f64 / report.seconds.max(1e-9);
-    report.index_size = index.len();
+    report.index_size = index.len().await?;
     Ok(report)
 }
 
-fn ingest_batch(
+async fn ingest_batch(
     pipeline: &Pipeline,
-    index: &dyn VectorIndex,
-    thumbnails: &Thumbnails,
+    index: &dyn Backend,
     jobs: &[Job],
     report: &mut Report,
 ) -> anyhow::Result<()> {
@@ -241,10 +239,12 @@ fn ingest_batch(
                         &read
                     }
                 };
-                pipeline
-                    .preprocessor
-                    .preprocess_with_thumbnail(bytes, crate::datadir::THUMBNAIL_SIDE)
-                    .map_err(|e| format!("{}: {e}", j.id))
+                crate::thumbnail::pixels_and_thumbnail(
+                    &pipeline.preprocessor,
+                    bytes,
+                    crate::thumbnail::SIDE,
+                )
+                .map_err(|e| format!("{}: {e}", j.id))
             })
             .collect()
     });
@@ -267,26 +267,19 @@ fn ingest_batch(
     if ok_jobs.is_empty() {
         return Ok(());
     }
-    let x = pipeline
-        .preprocessor
-        .batch(&pixels, pipeline.clip.device())?;
-    let vectors = pipeline.clip.encode_image(&x)?.to_vec2::<f32>()?;
-    let staged = ok_jobs
-        .iter()
-        .zip(&thumbs)
-        .map(|(j, t)| thumbnails.stage(&j.id, t))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    let items: Vec<Item> = ok_jobs
+    let vectors = pipeline.embed_pixels(&pixels)?.to_vec2::<f32>()?;
+    let images: Vec<NewImage> = ok_jobs
         .iter()
         .zip(vectors)
-        .map(|(j, vector)| Item {
+        .zip(thumbs)
+        .map(|((j, vector), thumbnail)| NewImage {
             id: j.id.clone(),
             vector,
             metadata: j.metadata.clone(),
+            thumbnail: Some(thumbnail),
         })
         .collect();
-    index.insert(items)?;
-    thumbnails.commit(staged)?;
+    index.insert(images).await?;
     report.indexed += ok_jobs.len();
     Ok(())
 }

@@ -1,11 +1,152 @@
-//! The data directory: its exclusive lock (one process at a time: `capivara
-//! serve` or `capivara index`) and the thumbnails kept beside the index.
+//! The data directory, the embedded [`Backend`]: its exclusive lock (one
+//! process at a time: `capivara serve` or `capivara index`), the index, and
+//! the thumbnails kept beside it.
 //!
 //! Layout: `index/` (see [`crate::index`]), `thumbnails/<id>.jpg`, `.lock`.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::index::{
+    Backend, Hit, HnswIndex, HnswParams, IndexError, Item, NewImage, Thumbnail, VectorIndex,
+};
+
+/// An open data directory: locked, its index and thumbnails ready.
+#[derive(Clone)]
+pub struct DataDir {
+    root: PathBuf,
+    index: Arc<HnswIndex>,
+    thumbnails: Thumbnails,
+    _lock: Arc<DataDirLock>,
+}
+
+impl DataDir {
+    /// Takes the lock of `dir` (created if missing), then opens its
+    /// thumbnails and its index of `dim`-dimensional vectors.
+    pub fn open(dir: &Path, dim: usize, params: HnswParams) -> anyhow::Result<Self> {
+        Self::open_locked(lock(dir)?, dim, params)
+    }
+
+    /// [`open`](Self::open) with the lock already taken (before slow work,
+    /// such as loading a model, so that a second process fails at once).
+    pub fn open_locked(lock: DataDirLock, dim: usize, params: HnswParams) -> anyhow::Result<Self> {
+        let dir = lock.dir().to_path_buf();
+        let dir = dir.as_path();
+        let thumbnails = Thumbnails::open(dir)?;
+        let index_dir = dir.join("index");
+        tracing::info!(dir = %index_dir.display(), "opening the index");
+        let index = HnswIndex::open(&index_dir, dim, params)?;
+        Ok(Self {
+            root: dir.to_path_buf(),
+            index: Arc::new(index),
+            thumbnails,
+            _lock: Arc::new(lock),
+        })
+    }
+
+    pub fn index(&self) -> &HnswIndex {
+        &self.index
+    }
+
+    /// Thumbnails are staged (written, fsynced) first and made visible only
+    /// once the index write is durable: a failed insert leaves the old
+    /// thumbnails in place.
+    pub fn insert_blocking(&self, images: Vec<NewImage>) -> Result<(), IndexError> {
+        let staged = images
+            .iter()
+            .filter_map(|im| im.thumbnail.as_ref().map(|t| (&im.id, t)))
+            .map(|(id, jpeg)| self.thumbnails.stage(id, jpeg))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let items = images
+            .into_iter()
+            .map(|im| Item {
+                id: im.id,
+                vector: im.vector,
+                metadata: im.metadata,
+            })
+            .collect();
+        self.index.insert(items)?;
+        if let Err(e) = self.thumbnails.commit(staged) {
+            tracing::error!("thumbnails of an ingested batch: {e}");
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&DataDir) -> Result<T, IndexError> + Send + 'static,
+    ) -> Result<T, IndexError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(&me))
+            .await
+            .map_err(|e| IndexError::Storage(std::io::Error::other(e.to_string())))?
+    }
+}
+
+#[async_trait]
+impl Backend for DataDir {
+    fn dim(&self) -> usize {
+        self.index.dim()
+    }
+
+    fn describe(&self) -> String {
+        format!("data directory {}", self.root.display())
+    }
+
+    async fn len(&self) -> Result<usize, IndexError> {
+        Ok(self.index.len())
+    }
+
+    async fn insert(&self, images: Vec<NewImage>) -> Result<(), IndexError> {
+        self.blocking(move |d| d.insert_blocking(images)).await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Value>, IndexError> {
+        Ok(self.index.get(id))
+    }
+
+    async fn delete(&self, id: &str) -> Result<bool, IndexError> {
+        let key = id.to_string();
+        self.blocking(move |d| {
+            let deleted = d.index.delete(&key)?;
+            if deleted {
+                if let Err(e) = d.thumbnails.remove(&key) {
+                    tracing::error!("thumbnail of deleted `{key}`: {e}");
+                }
+            }
+            Ok(deleted)
+        })
+        .await
+    }
+
+    async fn search(&self, query: Vec<f32>, k: usize) -> Result<Vec<Hit>, IndexError> {
+        self.blocking(move |d| d.index.search(&query, k)).await
+    }
+
+    async fn thumbnail(&self, id: &str) -> Result<Thumbnail, IndexError> {
+        if !self.index.contains(id) {
+            return Ok(Thumbnail::NoImage);
+        }
+        let key = id.to_string();
+        self.blocking(move |d| {
+            Ok(match d.thumbnails.read(&key)? {
+                Some(jpeg) => Thumbnail::Jpeg(jpeg),
+                None => Thumbnail::NotKept,
+            })
+        })
+        .await
+    }
+
+    async fn flush(&self) -> Result<(), IndexError> {
+        self.blocking(|d| d.index.flush()).await
+    }
+}
 
 /// Held while a process uses the data directory; released when dropped or
 /// when the process ends, however it ends (the OS drops the lock).
@@ -13,11 +154,18 @@ use std::path::{Path, PathBuf};
 pub struct DataDirLock {
     _file: File,
     path: PathBuf,
+    dir: PathBuf,
 }
 
 impl DataDirLock {
+    /// The lock file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The data directory it locks.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 }
 
@@ -72,11 +220,12 @@ pub fn lock(dir: &Path) -> Result<DataDirLock, LockError> {
     file.set_len(0).map_err(io)?;
     file.seek(SeekFrom::Start(0)).map_err(io)?;
     writeln!(file, "{}", std::process::id()).map_err(io)?;
-    Ok(DataDirLock { _file: file, path })
+    Ok(DataDirLock {
+        _file: file,
+        path,
+        dir: dir.to_path_buf(),
+    })
 }
-
-/// Largest side of a thumbnail, in pixels.
-pub const THUMBNAIL_SIDE: u32 = 256;
 
 /// `thumbnails/<id>.jpg` under the data directory. Ids are validated by the
 /// index (`[A-Za-z0-9._-]`, not `.` or `..`), so they are safe file names.

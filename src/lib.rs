@@ -2,11 +2,17 @@
 //! (Portuguese-first) CLIP models of the CAPIVARA family — an OpenCLIP ViT image
 //! tower and an XLM-RoBERTa text tower — in candle.
 //!
-//! - [`model`]: the model, its configs, LoRA, and checkpoint loading;
+//! - [`model`]: the model, its configs, LoRA, and checkpoint reading (pure
+//!   tensor code);
+//! - [`resolve`]: `--model` (a directory or a hub repo id) -> files and configs;
 //! - [`preprocess`]: image bytes -> normalised tensor, as open_clip does it;
 //! - [`tokenizer`]: text -> token ids, as open_clip's HF tokenizer does it;
 //! - [`pipeline`]: all three loaded together;
 //! - [`zeroshot`]: prompt templates and class embeddings.
+//!
+//! With the `server` feature: [`engine`] (the batchers), [`index`] (the
+//! embedded vector index), [`datadir`] (the data directory), [`server`] (HTTP)
+//! and [`bulk`] (`capivara index`). `ARCHITECTURE.md` draws the whole.
 
 pub mod bench;
 pub mod error;
@@ -14,6 +20,7 @@ pub mod kernels;
 pub mod model;
 pub mod pipeline;
 pub mod preprocess;
+pub mod resolve;
 pub mod tokenizer;
 pub mod webdataset;
 pub mod zeroshot;
@@ -41,6 +48,18 @@ pub fn parse_device(spec: &str) -> Result<candle_core::Device> {
     }
 }
 
+/// Parses `f32`, `f16` or `bf16`.
+pub fn parse_dtype(spec: &str) -> Result<candle_core::DType> {
+    match spec {
+        "f32" => Ok(candle_core::DType::F32),
+        "f16" => Ok(candle_core::DType::F16),
+        "bf16" => Ok(candle_core::DType::BF16),
+        _ => Err(Error::InvalidArgument(format!(
+            "unknown dtype `{spec}` (f32, f16, bf16)"
+        ))),
+    }
+}
+
 #[cfg(feature = "server")]
 pub mod bulk;
 #[cfg(feature = "server")]
@@ -51,3 +70,7 @@ pub mod engine;
 pub mod index;
 #[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
+pub mod thumbnail;
+#[cfg(feature = "server")]
+pub mod timing;

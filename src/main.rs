@@ -4,11 +4,10 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use candle_core::DType;
 use clap::{Parser, Subcommand};
 
-use capivara::model::weights::DEFAULT_MODEL;
-use capivara::{Error, Pipeline};
+use capivara::resolve::DEFAULT_MODEL;
+use capivara::Pipeline;
 
 #[derive(Parser)]
 #[command(
@@ -40,18 +39,12 @@ enum Command {
     Index(IndexArgs),
 }
 
-#[cfg(feature = "server")]
+/// The model flags every command shares, and their one loader.
 #[derive(clap::Args)]
-struct ServeArgs {
+struct ModelArgs {
     /// Model: a local directory or a Hugging Face repo id.
     #[arg(long, env = "CAPIVARA_MODEL", default_value = DEFAULT_MODEL)]
     model: String,
-    /// Address to listen on.
-    #[arg(long, env = "CAPIVARA_ADDR", default_value = "127.0.0.1:8080")]
-    addr: std::net::SocketAddr,
-    /// Directory of the index (created if missing).
-    #[arg(long, env = "CAPIVARA_DATA_DIR", default_value = "./capivara-data")]
-    data_dir: PathBuf,
     /// cpu, cuda or cuda:N.
     #[arg(long, env = "CAPIVARA_DEVICE", default_value = "cpu")]
     device: String,
@@ -60,12 +53,61 @@ struct ServeArgs {
     dtype: String,
     /// `int8`: int8 weights and activations in the encoders' linear layers
     /// (CPU with AVX-512 VNNI; ~1.8-2.7x faster, embeddings within cosine
-    /// 0.99 of f32), or `none`.
+    /// 0.99 of f32), or `none`. An index must be searched with embeddings
+    /// of the setting it was built with.
     #[arg(long, env = "CAPIVARA_QUANTIZE", default_value = "none")]
     quantize: String,
+}
+
+/// What the model flags say, checked.
+struct ModelChoice {
+    model: String,
+    device: candle_core::Device,
+    dtype: candle_core::DType,
+    quantization: capivara::model::Quantization,
+}
+
+impl ModelArgs {
+    /// Checks the flags (before any slow work).
+    fn parse(&self) -> anyhow::Result<ModelChoice> {
+        Ok(ModelChoice {
+            model: self.model.clone(),
+            device: capivara::parse_device(&self.device)?,
+            dtype: capivara::parse_dtype(&self.dtype)?,
+            quantization: self.quantize.parse()?,
+        })
+    }
+}
+
+impl ModelChoice {
+    fn load(&self) -> anyhow::Result<Pipeline> {
+        Ok(Pipeline::load_with(
+            &self.model,
+            &self.device,
+            self.dtype,
+            self.quantization,
+        )?)
+    }
+}
+
+#[cfg(feature = "server")]
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, env = "CAPIVARA_ADDR", default_value = "127.0.0.1:8080")]
+    addr: std::net::SocketAddr,
+    /// Directory of the index (created if missing).
+    #[arg(long, env = "CAPIVARA_DATA_DIR", default_value = "./capivara-data")]
+    data_dir: PathBuf,
     /// Most texts or images in one forward pass.
     #[arg(long, env = "CAPIVARA_MAX_BATCH_SIZE", default_value_t = 32)]
     max_batch_size: usize,
+    /// Most padded tokens (texts x the longest one's tokens) in one text
+    /// forward pass; a single text always fits.
+    #[arg(long, env = "CAPIVARA_MAX_BATCH_TOKENS", default_value_t = 4096)]
+    max_batch_tokens: usize,
     /// Longest wait, in milliseconds, for a batch to fill.
     #[arg(long, env = "CAPIVARA_MAX_BATCH_WAIT_MS", default_value_t = 5)]
     max_batch_wait_ms: u64,
@@ -96,22 +138,11 @@ struct ServeArgs {
 #[cfg(feature = "server")]
 #[derive(clap::Args)]
 struct IndexArgs {
-    /// Model: a local directory or a Hugging Face repo id.
-    #[arg(long, env = "CAPIVARA_MODEL", default_value = DEFAULT_MODEL)]
-    model: String,
+    #[command(flatten)]
+    model: ModelArgs,
     /// The data directory (created if missing), as `capivara serve` uses it.
     #[arg(long, env = "CAPIVARA_DATA_DIR", default_value = "./capivara-data")]
     data_dir: PathBuf,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, env = "CAPIVARA_DEVICE", default_value = "cpu")]
-    device: String,
-    /// Weights dtype: f32, f16 or bf16.
-    #[arg(long, env = "CAPIVARA_DTYPE", default_value = "f32")]
-    dtype: String,
-    /// `int8` or `none` (see `capivara serve --help`); the index must be
-    /// searched with the embeddings of the same setting.
-    #[arg(long, env = "CAPIVARA_QUANTIZE", default_value = "none")]
-    quantize: String,
     /// Images per forward pass.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
@@ -126,44 +157,20 @@ struct IndexArgs {
 
 #[derive(clap::Args)]
 struct EmbedArgs {
-    /// Model: a local directory or a Hugging Face repo id.
-    #[arg(long, env = "CAPIVARA_MODEL", default_value = DEFAULT_MODEL)]
-    model: String,
+    #[command(flatten)]
+    model: ModelArgs,
     /// A text to embed (repeatable).
     #[arg(long = "text")]
     texts: Vec<String>,
     /// An image file to embed (repeatable).
     #[arg(long = "image")]
     images: Vec<PathBuf>,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, env = "CAPIVARA_DEVICE", default_value = "cpu")]
-    device: String,
-    /// Weights dtype: f32, f16 or bf16 (f32 is fastest on CPU).
-    #[arg(long, env = "CAPIVARA_DTYPE", default_value = "f32")]
-    dtype: String,
-    /// `int8`: int8 weights and activations in the encoders' linear layers
-    /// (CPU with AVX-512 VNNI; ~1.8-2.7x faster, embeddings within cosine
-    /// 0.99 of f32), or `none`.
-    #[arg(long, env = "CAPIVARA_QUANTIZE", default_value = "none")]
-    quantize: String,
 }
 
 #[derive(clap::Args)]
 struct BenchArgs {
-    /// Model: a local directory or a Hugging Face repo id.
-    #[arg(long, env = "CAPIVARA_MODEL", default_value = DEFAULT_MODEL)]
-    model: String,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, env = "CAPIVARA_DEVICE", default_value = "cpu")]
-    device: String,
-    /// Weights dtype: f32, f16 or bf16.
-    #[arg(long, env = "CAPIVARA_DTYPE", default_value = "f32")]
-    dtype: String,
-    /// `int8`: int8 weights and activations in the encoders' linear layers
-    /// (CPU with AVX-512 VNNI; ~1.8-2.7x faster, embeddings within cosine
-    /// 0.99 of f32), or `none`.
-    #[arg(long, env = "CAPIVARA_QUANTIZE", default_value = "none")]
-    quantize: String,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Towers to time: image, text (repeatable; default both).
     #[arg(long = "tower", value_parser = ["image", "text"])]
     towers: Vec<String>,
@@ -179,15 +186,15 @@ struct BenchArgs {
     /// ... and at least this many passes.
     #[arg(long, default_value_t = 3)]
     iters: usize,
-    /// Texts, one per line (default: 16 Portuguese prompts of 8-16 tokens).
+    /// Texts, one per line (default: the 16 Portuguese prompts of
+    /// benches/prompts.txt, 8-16 tokens each).
     #[arg(long)]
     texts: Option<PathBuf>,
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
     use capivara::bench::{measure, Tower};
-    let device = capivara::parse_device(&args.device)?;
-    let dtype = parse_dtype(&args.dtype)?;
+    let choice = args.model.parse()?;
     anyhow::ensure!(
         args.batch.iter().all(|&b| b > 0),
         "batch sizes must be positive"
@@ -223,9 +230,8 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             })
             .collect()
     };
-    let quantization: capivara::model::Quantization = args.quantize.parse()?;
     let load = std::time::Instant::now();
-    let pipeline = Pipeline::load_with(&args.model, &device, dtype, quantization)?;
+    let pipeline = choice.load()?;
     let load_seconds = load.elapsed().as_secs_f64();
     let mut rows = Vec::new();
     for &tower in &towers {
@@ -242,10 +248,10 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     let out = serde_json::json!({
-        "model": args.model,
-        "device": capivara::bench::device_name(&device),
-        "dtype": args.dtype,
-        "quantize": args.quantize,
+        "model": choice.model,
+        "device": capivara::bench::device_name(&choice.device),
+        "dtype": choice.dtype.as_str(),
+        "quantize": args.model.quantize,
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "load_seconds": load_seconds,
         "rows": rows,
@@ -266,64 +272,51 @@ struct EmbedOutput<'a> {
 
 #[cfg(feature = "server")]
 fn index(args: IndexArgs) -> anyhow::Result<()> {
-    use capivara::index::{HnswIndex, HnswParams, VectorIndex};
-    let device = capivara::parse_device(&args.device)?;
-    let dtype = parse_dtype(&args.dtype)?;
-    let quantization: capivara::model::Quantization = args.quantize.parse()?;
+    use capivara::datadir::DataDir;
+    use capivara::index::{Backend, HnswParams};
+    let choice = args.model.parse()?;
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
     for p in &args.paths {
         anyhow::ensure!(p.exists(), "{}: no such file or folder", p.display());
     }
-    let _lock = capivara::datadir::lock(&args.data_dir)?;
-    let pipeline = Pipeline::load_with(&args.model, &device, dtype, quantization)?;
+    let lock = capivara::datadir::lock(&args.data_dir)?;
+    let pipeline = choice.load()?;
     // Writing only: no graph (the server builds it at start).
     let params = HnswParams {
         exact_search_below: usize::MAX,
         ..HnswParams::default()
     };
-    let index = HnswIndex::open(
-        &args.data_dir.join("index"),
-        pipeline.clip.embed_dim(),
-        params,
-    )?;
-    let thumbnails = capivara::datadir::Thumbnails::open(&args.data_dir)?;
-    let report = capivara::bulk::run(
-        &pipeline,
-        &index,
-        &thumbnails,
-        &args.paths,
-        args.batch_size,
-        !args.no_progress,
-    )?;
-    index.flush()?;
+    let data = DataDir::open_locked(lock, pipeline.clip.embed_dim(), params)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let report = rt.block_on(async {
+        let r = capivara::bulk::run(
+            &pipeline,
+            &data,
+            &args.paths,
+            args.batch_size,
+            !args.no_progress,
+        )
+        .await?;
+        data.flush().await?;
+        anyhow::Ok(r)
+    })?;
     let mut stdout = std::io::stdout().lock();
     serde_json::to_writer(&mut stdout, &report)?;
     writeln!(stdout)?;
     Ok(())
 }
 
-fn parse_dtype(s: &str) -> Result<DType, Error> {
-    match s {
-        "f32" => Ok(DType::F32),
-        "f16" => Ok(DType::F16),
-        "bf16" => Ok(DType::BF16),
-        _ => Err(Error::InvalidArgument(format!(
-            "unknown dtype `{s}` (f32, f16, bf16)"
-        ))),
-    }
-}
-
 fn embed(args: EmbedArgs) -> anyhow::Result<()> {
-    let device = capivara::parse_device(&args.device)?;
-    let dtype = parse_dtype(&args.dtype)?;
+    let choice = args.model.parse()?;
     // Read every image before loading the model: a bad path fails fast.
     let images = args
         .images
         .iter()
         .map(|p| std::fs::read(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display())))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let quantization: capivara::model::Quantization = args.quantize.parse()?;
-    let pipeline = Pipeline::load_with(&args.model, &device, dtype, quantization)?;
+    let pipeline = choice.load()?;
     let texts = pipeline.embed_texts(&args.texts)?.to_vec2::<f32>()?;
     let mut image_embs = Vec::with_capacity(images.len());
     for (bytes, path) in images.iter().zip(&args.images) {
@@ -333,7 +326,7 @@ fn embed(args: EmbedArgs) -> anyhow::Result<()> {
         image_embs.extend(e.to_vec2::<f32>()?);
     }
     let out = EmbedOutput {
-        model: &args.model,
+        model: &choice.model,
         dim: pipeline.clip.embed_dim(),
         texts,
         images: image_embs,
@@ -355,15 +348,27 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let mut cfg = ServeConfig::new(&args.model, args.addr, &args.data_dir);
-    cfg.device = capivara::parse_device(&args.device)?;
-    cfg.dtype = parse_dtype(&args.dtype)?;
-    cfg.quantization = args.quantize.parse()?;
-    if args.max_batch_size == 0 || args.queue_capacity == 0 {
-        anyhow::bail!("--max-batch-size and --queue-capacity must be at least 1");
+    let choice = args.model.parse()?;
+    let mut cfg = ServeConfig::new(&choice.model, args.addr, &args.data_dir);
+    cfg.device = choice.device;
+    cfg.dtype = choice.dtype;
+    cfg.quantization = choice.quantization;
+    if args.max_batch_size == 0 || args.queue_capacity == 0 || args.max_batch_tokens == 0 {
+        anyhow::bail!(
+            "--max-batch-size, --max-batch-tokens and --queue-capacity must be at least 1"
+        );
     }
-    cfg.engine.max_batch = args.max_batch_size;
-    cfg.engine.max_wait = std::time::Duration::from_millis(args.max_batch_wait_ms);
+    let max_wait = std::time::Duration::from_millis(args.max_batch_wait_ms);
+    cfg.engine.text = capivara::engine::BatchPolicy {
+        max_items: args.max_batch_size,
+        max_tokens: args.max_batch_tokens,
+        max_wait,
+    };
+    cfg.engine.image = capivara::engine::BatchPolicy {
+        max_items: args.max_batch_size,
+        max_tokens: usize::MAX,
+        max_wait,
+    };
     cfg.engine.queue_capacity = args.queue_capacity;
     cfg.limits.max_body_bytes = args.max_body_bytes;
     cfg.limits.max_pixels = args.max_image_pixels;

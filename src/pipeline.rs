@@ -1,12 +1,18 @@
 //! A loaded model with its tokenizer and preprocessing: what `capivara embed`
 //! uses directly and what the server's engine batches around.
+//!
+//! The two model entry points are [`Pipeline::embed_tokens`] (token ids ->
+//! rows) and [`Pipeline::embed_pixels`] (preprocessed pixels -> rows);
+//! everything that embeds goes through them.
+
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
-use crate::model::weights::{self, ModelFiles};
-use crate::model::{Clip, Quantization};
+use crate::model::{Checkpoint, Clip, Quantization};
 use crate::preprocess::Preprocessor;
+use crate::resolve::{self, ModelFiles, ResolvedModel};
 use crate::tokenizer::TextTokenizer;
 
 /// Model + tokenizer + preprocessor, loaded from a directory or a hub repo.
@@ -30,21 +36,26 @@ impl Pipeline {
         dtype: DType,
         quantization: Quantization,
     ) -> Result<Self> {
-        let files = weights::resolve(model)?;
-        let mut p = Self::from_files(files, device, dtype)?;
+        let mut p = Self::from_resolved(resolve::resolve(model)?, device, dtype)?;
         p.clip.quantize(quantization)?;
         Ok(p)
     }
 
-    /// Loads already-resolved files.
-    pub fn from_files(files: ModelFiles, device: &Device, dtype: DType) -> Result<Self> {
-        let clip = Clip::from_files(&files, device, dtype)?;
+    /// Loads an already-resolved model.
+    pub fn from_resolved(model: ResolvedModel, device: &Device, dtype: DType) -> Result<Self> {
+        let ResolvedModel {
+            files,
+            config,
+            text_config,
+        } = model;
+        let ck = Arc::new(Checkpoint::open(&files.weights)?);
+        let clip = Clip::load(&ck, &config, &text_config, device, dtype)?;
         let tokenizer = TextTokenizer::from_file(
             &files.tokenizer,
-            clip.config.text.context_length,
-            clip.text.hf_config().pad_token_id,
+            config.text.context_length,
+            text_config.pad_token_id,
         )?;
-        let preprocessor = Preprocessor::new(&clip.config.preprocess);
+        let preprocessor = Preprocessor::new(&config.preprocess);
         Ok(Self {
             clip,
             tokenizer,
@@ -53,34 +64,63 @@ impl Pipeline {
         })
     }
 
-    /// Normalised embeddings of `texts`, one row each, in input order.
-    pub fn embed_texts<S: AsRef<str>>(&self, texts: &[S]) -> Result<Tensor> {
-        if texts.is_empty() {
-            return Ok(Tensor::zeros(
-                (0, self.clip.embed_dim()),
-                DType::F32,
-                &Device::Cpu,
-            )?);
+    /// Token ids of each text (cleaned, truncated, unpadded).
+    pub fn tokenize<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<Vec<u32>>> {
+        texts
+            .iter()
+            .map(|t| self.tokenizer.encode(t.as_ref()))
+            .collect()
+    }
+
+    /// A `(0, embed_dim)` result for an empty input.
+    fn no_rows(&self) -> Result<Tensor> {
+        Ok(Tensor::zeros(
+            (0, self.clip.embed_dim()),
+            DType::F32,
+            &Device::Cpu,
+        )?)
+    }
+
+    /// Normalised text embeddings of token-id rows (padded here to the
+    /// longest), one row each, in input order.
+    pub fn embed_tokens(&self, rows: &[Vec<u32>]) -> Result<Tensor> {
+        if rows.is_empty() {
+            return self.no_rows();
         }
-        let batch = self.tokenizer.encode_batch(texts)?;
+        let batch = self.tokenizer.pad(rows);
         let ids = batch.to_tensor(self.clip.device())?;
         Ok(self.clip.encode_text(&ids)?)
     }
 
+    /// Normalised image embeddings of preprocessed pixels (`3 x S x S`
+    /// each), one row each, in input order.
+    pub fn embed_pixels(&self, pixels: &[Vec<f32>]) -> Result<Tensor> {
+        if pixels.is_empty() {
+            return self.no_rows();
+        }
+        let batch = self.preprocessor.batch(pixels, self.clip.device())?;
+        Ok(self.clip.encode_image(&batch)?)
+    }
+
+    /// Normalised embeddings of `texts`, one row each, in input order.
+    pub fn embed_texts<S: AsRef<str>>(&self, texts: &[S]) -> Result<Tensor> {
+        self.embed_tokens(&self.tokenize(texts)?)
+    }
+
     /// Normalised embeddings of encoded images (JPEG, PNG, WebP, GIF, BMP bytes).
     pub fn embed_images<B: AsRef<[u8]>>(&self, images: &[B]) -> Result<Tensor> {
-        if images.is_empty() {
-            return Ok(Tensor::zeros(
-                (0, self.clip.embed_dim()),
-                DType::F32,
-                &Device::Cpu,
-            )?);
-        }
         let pixels = images
             .iter()
             .map(|b| self.preprocessor.preprocess(b.as_ref()))
             .collect::<Result<Vec<_>>>()?;
-        let batch = self.preprocessor.batch(&pixels, self.clip.device())?;
-        Ok(self.clip.encode_image(&batch)?)
+        self.embed_pixels(&pixels)
+    }
+
+    /// One pass per tower (first-call allocations, kernel selection).
+    pub fn warm_up(&self) -> Result<()> {
+        self.embed_texts(&["uma foto de um gato."])?;
+        let s = self.preprocessor.image_size();
+        self.embed_pixels(&[vec![0f32; 3 * s * s]])?;
+        Ok(())
     }
 }

@@ -108,20 +108,25 @@ impl TextTokenizer {
             .iter()
             .map(|t| self.encode(t.as_ref()))
             .collect::<Result<Vec<_>>>()?;
+        Ok(self.pad(&rows))
+    }
+
+    /// Rows of ids padded with `<pad>` to the longest.
+    pub fn pad(&self, rows: &[Vec<u32>]) -> TokenBatch {
         let len = rows.iter().map(Vec::len).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(rows.len() * len);
         let mut lengths = Vec::with_capacity(rows.len());
-        for r in &rows {
+        for r in rows {
             lengths.push(r.len());
             ids.extend_from_slice(r);
             ids.extend(std::iter::repeat_n(self.pad_id, len - r.len()));
         }
-        Ok(TokenBatch {
+        TokenBatch {
             ids,
             batch: rows.len(),
             len,
             lengths,
-        })
+        }
     }
 }
 

@@ -250,7 +250,9 @@ fn hub_ids_resolve_through_the_offline_cache() {
 #[test]
 fn local_directory_prefers_safetensors_then_bin_then_ckpt() {
     let t = tiny_dir();
-    let files = capivara::model::weights::resolve(t.to_str().unwrap()).unwrap();
+    let files = capivara::resolve::resolve(t.to_str().unwrap())
+        .unwrap()
+        .files;
     assert_eq!(files.weights, t.join("open_clip_model.safetensors"));
     assert_eq!(files.tokenizer, t.join("tokenizer.json"));
     assert_eq!(files.text_config, t.join("text_config.json"));
@@ -265,16 +267,20 @@ fn local_directory_prefers_safetensors_then_bin_then_ckpt() {
         std::fs::copy(t.join(f), dir.path().join(f)).unwrap();
     }
     std::fs::copy(t.join("lightning.ckpt"), dir.path().join("model.ckpt")).unwrap();
-    let files = capivara::model::weights::resolve(dir.path().to_str().unwrap()).unwrap();
+    let files = capivara::resolve::resolve(dir.path().to_str().unwrap())
+        .unwrap()
+        .files;
     assert_eq!(
         files.weights,
         dir.path().join("open_clip_pytorch_model.bin")
     );
     std::fs::remove_file(dir.path().join("open_clip_pytorch_model.bin")).unwrap();
-    let files = capivara::model::weights::resolve(dir.path().to_str().unwrap()).unwrap();
+    let files = capivara::resolve::resolve(dir.path().to_str().unwrap())
+        .unwrap()
+        .files;
     assert_eq!(files.weights, dir.path().join("model.ckpt"));
     std::fs::remove_file(dir.path().join("model.ckpt")).unwrap();
-    let e = capivara::model::weights::resolve(dir.path().to_str().unwrap()).unwrap_err();
+    let e = capivara::resolve::resolve(dir.path().to_str().unwrap()).unwrap_err();
     assert!(e.to_string().contains("no weights"), "{e}");
 }
 

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use capivara::model::weights::Format;
+use capivara::model::checkpoint::Format;
 use capivara::model::{Checkpoint, Clip, ClipConfig, XlmRobertaConfig};
 use capivara::preprocess::Preprocessor;
 use capivara::tokenizer::TextTokenizer;

@@ -36,7 +36,7 @@ fn expected_probs(p: &Pipeline, image: &[u8], labels: &[&str], templates: &[&str
         .to_vec2::<f32>()
         .unwrap()
         .remove(0);
-    let scale = p.clip.logit_scale_exp().unwrap();
+    let scale = p.clip.logit_scale_exp();
     let logits: Vec<f32> = labels
         .iter()
         .map(|l| {
@@ -316,7 +316,8 @@ fn embeddings_match_the_model() {
 #[test]
 fn concurrent_requests_are_batched_and_answers_unchanged() {
     let s = Arc::new(TestServer::start(|c| {
-        c.engine.max_wait = std::time::Duration::from_millis(50);
+        c.engine.text.max_wait = std::time::Duration::from_millis(50);
+        c.engine.image.max_wait = std::time::Duration::from_millis(50);
     }));
     let texts: Vec<String> = (0..32).map(|i| format!("uma foto número {i}")).collect();
     let images: Vec<Vec<u8>> = (0..32).map(test_png).collect();
@@ -533,8 +534,8 @@ fn bad_inputs_get_their_4xx_and_the_server_keeps_serving() {
 fn a_full_queue_answers_503_with_retry_after() {
     let s = Arc::new(TestServer::start(|c| {
         c.engine.queue_capacity = 1;
-        c.engine.max_batch = 1;
-        c.engine.max_wait = std::time::Duration::from_millis(0);
+        c.engine.text.max_items = 1;
+        c.engine.text.max_wait = std::time::Duration::from_millis(0);
     }));
     let big: Vec<String> = (0..200)
         .map(|i| format!("texto longo número {i} ").repeat(6))
@@ -1013,4 +1014,149 @@ fn bulk_index_equals_http_ingest() {
     );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--batch-size"));
+}
+
+/// `name;dur=ms` entries of a `Server-Timing` header.
+fn stages(header: &str) -> std::collections::BTreeMap<String, f64> {
+    header
+        .split(',')
+        .map(|e| {
+            let (name, dur) = e.trim().split_once(";dur=").expect("name;dur=ms");
+            (name.to_string(), dur.parse::<f64>().expect("milliseconds"))
+        })
+        .collect()
+}
+
+#[test]
+fn every_request_reports_where_its_time_went() {
+    let s = TestServer::start(|_| {});
+    let body = json!({"image": b64(&image_bytes("photo.jpg")), "labels": ["gato", "cachorro"]});
+    let r = s.http.post_json("/classify", &body);
+    assert_eq!(r.status, 200);
+    let t = stages(r.server_timing.as_deref().expect("a Server-Timing header"));
+    for stage in [
+        "decode",
+        "tokenize",
+        "image-queue",
+        "image-inference",
+        "text-queue",
+        "text-inference",
+        "total",
+    ] {
+        assert!(t.get(stage).is_some_and(|&d| d >= 0.0), "{stage}: {t:?}");
+    }
+    assert!(
+        t["image-inference"] > 0.0 && t["text-inference"] > 0.0,
+        "{t:?}"
+    );
+    assert!(t["decode"] <= t["total"] && t["image-inference"] <= t["total"]);
+    // A search by text: no image work.
+    let r = s.http.post_json("/search", &json!({"query": "um gato"}));
+    assert_eq!(r.status, 200);
+    let t = stages(r.server_timing.as_deref().unwrap());
+    assert!(t.contains_key("tokenize") && t.contains_key("text-inference"));
+    assert!(
+        !t.contains_key("decode") && !t.contains_key("image-queue"),
+        "{t:?}"
+    );
+    // Errors and plain routes carry the total alone.
+    let r = s.http.get("/healthz");
+    assert_eq!(stages(r.server_timing.as_deref().unwrap()).len(), 1);
+    // The same split in the metrics, by route.
+    let m = s.http.get("/metrics").text;
+    for (route, stage) in [
+        ("/classify", "decode"),
+        ("/classify", "text-inference"),
+        ("/search", "tokenize"),
+        ("/search", "text-queue"),
+    ] {
+        let name =
+            format!("capivara_request_stage_seconds_count{{route=\"{route}\",stage=\"{stage}\"}}");
+        assert!(metric(&m, &name) >= 1.0, "{name} missing:\n{m}");
+    }
+}
+
+#[test]
+fn text_passes_stay_within_the_token_budget() {
+    let s = TestServer::start(|c| {
+        c.engine.text.max_tokens = 24;
+        c.engine.text.max_wait = std::time::Duration::from_millis(20);
+    });
+    let texts: Vec<String> = (0..12)
+        .map(|i| format!("uma foto de um gato número {i} na praia"))
+        .collect();
+    let r = s.http.post_json("/embed/text", &json!({ "texts": texts }));
+    assert_eq!(r.status, 200);
+    let got: Vec<Vec<f32>> = r.json()["embeddings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(floats)
+        .collect();
+    let want = pipeline()
+        .embed_texts(&texts)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert!(max_abs_diff(&got, &want) <= 1e-5);
+    let m = s.http.get("/metrics").text;
+    let passes = metric(&m, "capivara_batch_tokens_count{tower=\"text\"}");
+    let tokens = metric(&m, "capivara_batch_tokens_sum{tower=\"text\"}");
+    // The warm-up pass is not observed; each text is > 8 tokens, so at most
+    // two share a 24-token pass.
+    assert!(passes >= 6.0, "{passes} passes for 12 texts");
+    assert!(
+        tokens / passes <= 24.0,
+        "{tokens} tokens in {passes} passes"
+    );
+    assert_eq!(metric(&m, "capivara_batch_size_sum{tower=\"text\"}"), 12.0);
+}
+
+#[test]
+fn every_route_is_documented_and_every_documented_route_is_served() {
+    let s = TestServer::start(|_| {});
+    let doc = s.http.get("/openapi.json").json();
+    let mut operations = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            operations += 1;
+            let url = path.replace("{id}", "no-such-id");
+            let r = match method.as_str() {
+                "get" => s.http.get(&url),
+                "delete" => s.http.delete(&url, None),
+                "post" => s.http.post_json(&url, &json!({})),
+                m => panic!("unexpected method {m}"),
+            };
+            // The fallback answers unknown routes with "no such route".
+            assert!(
+                !(r.status == 404 && r.text.contains("no such route")),
+                "{method} {path} is documented but not served"
+            );
+        }
+    }
+    // Every handler annotated for the document is in it...
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/server");
+    let annotated: usize = std::fs::read_dir(&src)
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .map(|text| text.matches("#[utoipa::path(").count())
+        .sum();
+    assert_eq!(
+        annotated, operations,
+        "a handler is missing from the document"
+    );
+    // ...and a route registered outside it must be one of the deliberate few.
+    let router = std::fs::read_to_string(src.join("mod.rs")).unwrap();
+    for (i, _) in router.match_indices(".route(\"") {
+        let path = router[i + 8..].split('"').next().unwrap();
+        assert!(
+            capivara::server::UNDOCUMENTED.contains(&path),
+            "route {path} is registered outside the OpenAPI document"
+        );
+    }
+    for path in capivara::server::UNDOCUMENTED {
+        assert!(doc["paths"].get(*path).is_none(), "{path}");
+        let status = s.http.get(path).status;
+        assert!(status == 200 || status == 303, "{path}: {status}");
+    }
 }

@@ -1,6 +1,9 @@
 //! Vector index: string ids + JSON metadata + unit vectors, searched by cosine
 //! similarity.
 //!
+//! - [`backend::Backend`]: what the server and `capivara index` talk to (vectors,
+//!   metadata and thumbnails together); the data directory implements it
+//!   over the index below.
 //! - [`HnswIndex`]: the persistent index the server uses. Every write is
 //!   appended to a checksummed log and fsynced before it is acknowledged;
 //!   snapshots compact the log; an HNSW graph (hnsw_rs) answers queries once
@@ -16,21 +19,27 @@
 //!
 //! On-disk formats: see [`log`] (the write-ahead log) and [`snapshot`].
 
+pub mod backend;
 mod brute;
 mod hnsw;
 pub mod log;
 pub mod snapshot;
 mod store;
 
+pub use backend::{Backend, NewImage, Thumbnail};
 pub use brute::BruteForceIndex;
 pub use hnsw::{HnswIndex, HnswParams};
 
 /// One search result.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[schema(as = SearchResult)]
 pub struct Hit {
+    /// The image's id.
     pub id: String,
-    /// Cosine similarity with the query, best first.
+    /// Cosine similarity with the query; results are sorted best first.
     pub score: f32,
+    /// The metadata given at ingest.
+    #[schema(value_type = Object)]
     pub metadata: serde_json::Value,
 }
 

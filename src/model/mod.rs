@@ -1,25 +1,26 @@
 //! The CAPIVARA model (OpenCLIP ViT image tower + XLM-RoBERTa text tower) in
 //! candle. Pure tensor code: the only I/O is reading tensors through
-//! [`weights::Checkpoint`].
+//! [`checkpoint::Checkpoint`] (and the configs' JSON). Finding a model's
+//! files (a directory, the Hugging Face hub) is [`crate::resolve`]'s job.
 
+pub mod checkpoint;
 pub mod config;
 pub mod layers;
 pub mod lora;
 pub mod safetensors_file;
 pub mod text;
 pub mod vision;
-pub mod weights;
 
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
+pub use checkpoint::Checkpoint;
 pub use config::{ClipConfig, XlmRobertaConfig};
 pub use layers::Kernels;
 pub use text::{TextOptions, TextTower};
 pub use vision::VisionTransformer;
-pub use weights::{Checkpoint, ModelFiles};
 
 use crate::error::{Error, Result};
 
@@ -55,6 +56,8 @@ pub struct Clip {
     pub text: TextTower,
     /// The raw parameter; logits use `exp(logit_scale)`.
     pub logit_scale: Tensor,
+    /// `exp(logit_scale)`, read once at load.
+    logit_scale_exp: f32,
     pub config: ClipConfig,
     device: Device,
     dtype: DType,
@@ -81,10 +84,15 @@ impl Clip {
             }
         }
         let logit_scale = vb.get((), "logit_scale")?;
+        let logit_scale_exp = logit_scale
+            .to_dtype(DType::F32)?
+            .exp()?
+            .to_scalar::<f32>()?;
         Ok(Self {
             vision,
             text,
             logit_scale,
+            logit_scale_exp,
             config: cfg.clone(),
             device: vb.device().clone(),
             dtype: vb.dtype(),
@@ -104,14 +112,6 @@ impl Clip {
         let vb = checkpoint.var_builder(dtype, device);
         Self::new(vb, cfg, text_cfg, TextOptions::default())
             .map_err(|e| checkpoint.take_error().unwrap_or(Error::Candle(e)))
-    }
-
-    /// Loads a resolved model's configs and weights.
-    pub fn from_files(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Self> {
-        let cfg = ClipConfig::from_file(&files.config)?;
-        let text_cfg = XlmRobertaConfig::from_file(&files.text_config)?;
-        let ck = Arc::new(Checkpoint::open(&files.weights)?);
-        Self::load(&ck, &cfg, &text_cfg, device, dtype)
     }
 
     pub fn device(&self) -> &Device {
@@ -168,17 +168,15 @@ impl Clip {
         })
     }
 
-    /// `exp(logit_scale)`.
-    pub fn logit_scale_exp(&self) -> candle_core::Result<f32> {
-        self.logit_scale
-            .to_dtype(DType::F32)?
-            .exp()?
-            .to_scalar::<f32>()
+    /// `exp(logit_scale)` as loaded (a trainer that changes `logit_scale`
+    /// reads the tensor itself).
+    pub fn logit_scale_exp(&self) -> f32 {
+        self.logit_scale_exp
     }
 
     /// `exp(logit_scale) * images @ texts^T` for normalised embeddings.
     pub fn logits(&self, images: &Tensor, texts: &Tensor) -> candle_core::Result<Tensor> {
-        let s = self.logit_scale_exp()? as f64;
+        let s = self.logit_scale_exp as f64;
         images.matmul(&texts.t()?)? * s
     }
 }

@@ -11,7 +11,7 @@ use super::error::{ApiError, ErrorBody};
 use super::input::{
     decode_base64, field_bytes, field_text, next_field, parse_json, preprocess_all, Payload,
 };
-use super::AppState;
+use super::state::{AppState, Limits};
 
 /// JSON form of a classification request.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -156,27 +156,18 @@ pub async fn classify(
 ) -> Result<Json<ClassifyResponse>, ApiError> {
     let (image, req) = read(payload).await?;
     let limits = &state.config.limits;
-    if req.labels.is_empty() || req.labels.len() > limits.max_labels {
-        return Err(ApiError::bad_request(
-            "invalid_labels",
-            format!(
-                "give 1 to {} labels (got {})",
-                limits.max_labels,
-                req.labels.len()
-            ),
-        ));
-    }
-    for l in &req.labels {
-        if l.trim().is_empty() || l.chars().count() > limits.max_label_chars {
-            return Err(ApiError::bad_request(
-                "invalid_labels",
-                format!(
-                    "each label must be 1 to {} characters",
-                    limits.max_label_chars
-                ),
-            ));
-        }
-    }
+    Limits::count(
+        "invalid_labels",
+        "labels",
+        req.labels.len(),
+        limits.max_labels,
+    )?;
+    Limits::each_nonblank(
+        "invalid_labels",
+        "label",
+        &req.labels,
+        limits.max_label_chars,
+    )?;
     let mut seen = std::collections::HashSet::new();
     if let Some(dup) = req.labels.iter().find(|l| !seen.insert(l.as_str())) {
         return Err(ApiError::bad_request(
@@ -186,23 +177,13 @@ pub async fn classify(
     }
     let templates = match req.templates {
         Some(t) => {
-            if t.is_empty() || t.len() > limits.max_templates {
-                return Err(ApiError::bad_request(
-                    "invalid_templates",
-                    format!("give 1 to {} templates", limits.max_templates),
-                ));
-            }
-            if t.iter()
-                .any(|s| s.trim().is_empty() || s.chars().count() > limits.max_label_chars)
-            {
-                return Err(ApiError::bad_request(
-                    "invalid_templates",
-                    format!(
-                        "each template must be 1 to {} characters",
-                        limits.max_label_chars
-                    ),
-                ));
-            }
+            Limits::count(
+                "invalid_templates",
+                "templates",
+                t.len(),
+                limits.max_templates,
+            )?;
+            Limits::each_nonblank("invalid_templates", "template", &t, limits.max_label_chars)?;
             t
         }
         None => state.config.templates.clone(),

@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
 use super::input::{decode_base64, preprocess_all, JsonBody};
-use super::AppState;
+use super::state::{AppState, Limits};
 
 /// Texts to embed.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -48,29 +48,8 @@ pub async fn embed_text(
     JsonBody(req): JsonBody<EmbedTextRequest>,
 ) -> Result<Json<EmbeddingsResponse>, ApiError> {
     let limits = &state.config.limits;
-    if req.texts.is_empty() || req.texts.len() > limits.max_texts {
-        return Err(ApiError::bad_request(
-            "invalid_texts",
-            format!(
-                "give 1 to {} texts (got {})",
-                limits.max_texts,
-                req.texts.len()
-            ),
-        ));
-    }
-    if req
-        .texts
-        .iter()
-        .any(|t| t.chars().count() > limits.max_query_chars)
-    {
-        return Err(ApiError::bad_request(
-            "invalid_texts",
-            format!(
-                "each text must be at most {} characters",
-                limits.max_query_chars
-            ),
-        ));
-    }
+    Limits::count("invalid_texts", "texts", req.texts.len(), limits.max_texts)?;
+    Limits::each_at_most("invalid_texts", "text", &req.texts, limits.max_query_chars)?;
     let embeddings = state.loaded()?.embedder.embed_texts(req.texts).await?;
     Ok(Json(EmbeddingsResponse { embeddings }))
 }
@@ -91,16 +70,12 @@ pub async fn embed_image(
     JsonBody(req): JsonBody<EmbedImageRequest>,
 ) -> Result<Json<EmbeddingsResponse>, ApiError> {
     let limits = &state.config.limits;
-    if req.images.is_empty() || req.images.len() > limits.max_images {
-        return Err(ApiError::bad_request(
-            "invalid_images",
-            format!(
-                "give 1 to {} images (got {})",
-                limits.max_images,
-                req.images.len()
-            ),
-        ));
-    }
+    Limits::count(
+        "invalid_images",
+        "images",
+        req.images.len(),
+        limits.max_images,
+    )?;
     let bytes = req
         .images
         .iter()

@@ -91,7 +91,7 @@ impl From<EngineError> for ApiError {
                 "shutting_down",
                 e.to_string(),
             ),
-            EngineError::Input(inner) => inner.into(),
+            EngineError::Input(inner) => (&*inner).into(),
             EngineError::Model(m) => Self::internal(m),
         }
     }
@@ -99,7 +99,13 @@ impl From<EngineError> for ApiError {
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
-        match &e {
+        (&e).into()
+    }
+}
+
+impl From<&Error> for ApiError {
+    fn from(e: &Error) -> Self {
+        match e {
             Error::UnsupportedImage(_) => Self::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_image",

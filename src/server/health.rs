@@ -3,13 +3,12 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
-use super::AppState;
+use super::state::AppState;
 
 /// Liveness or readiness.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -38,17 +37,4 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Status>, 
     Ok(Json(Status {
         status: "ready".into(),
     }))
-}
-
-impl AppState {
-    /// The loaded model and index, or 503 while loading.
-    pub fn loaded(&self) -> Result<&super::Loaded, ApiError> {
-        self.loaded.get().ok_or_else(|| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not_ready",
-                "the model is still loading",
-            )
-        })
-    }
 }

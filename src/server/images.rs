@@ -13,8 +13,8 @@ use super::input::{
     decode_base64, field_bytes, field_text, next_field, parse_json, preprocess_with_thumbnails,
     require_key, IdPath, Payload,
 };
-use super::AppState;
-use crate::index::{validate_id, IndexError, Item};
+use super::state::{AppState, Limits};
+use crate::index::{validate_id, NewImage, Thumbnail};
 
 /// One image to ingest.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -166,16 +166,7 @@ pub async fn ingest(
     require_key(&state, &headers)?;
     let uploads = read(payload).await?;
     let limits = &state.config.limits;
-    if uploads.is_empty() || uploads.len() > limits.max_images {
-        return Err(ApiError::bad_request(
-            "invalid_images",
-            format!(
-                "give 1 to {} images (got {})",
-                limits.max_images,
-                uploads.len()
-            ),
-        ));
-    }
+    Limits::count("invalid_images", "images", uploads.len(), limits.max_images)?;
     let mut ids = Vec::with_capacity(uploads.len());
     let mut metas = Vec::with_capacity(uploads.len());
     let mut images = Vec::with_capacity(uploads.len());
@@ -220,36 +211,18 @@ pub async fn ingest(
         .into_iter()
         .unzip();
     let vectors = state.loaded()?.embedder.embed_pixels(pixels).await?;
-    let items: Vec<Item> = ids
+    let images: Vec<NewImage> = ids
         .iter()
         .zip(vectors)
-        .zip(metas)
-        .map(|((id, vector), metadata)| Item {
+        .zip(metas.into_iter().zip(thumbs))
+        .map(|((id, vector), (metadata, thumbnail))| NewImage {
             id: id.clone(),
             vector,
             metadata,
+            thumbnail: Some(thumbnail),
         })
         .collect();
-    let loaded = state.loaded()?;
-    let (index, thumbnails) = (loaded.index.clone(), loaded.thumbnails.clone());
-    let names = ids.clone();
-    tokio::task::spawn_blocking(move || -> Result<(), IndexError> {
-        // Thumbnails are staged (written, fsynced) first and made visible
-        // only once the index write is durable: a failed insert leaves the
-        // old thumbnails in place.
-        let staged = names
-            .iter()
-            .zip(&thumbs)
-            .map(|(id, jpeg)| thumbnails.stage(id, jpeg))
-            .collect::<std::io::Result<Vec<_>>>()?;
-        index.insert(items)?;
-        if let Err(e) = thumbnails.commit(staged) {
-            tracing::error!("thumbnails of an ingested batch: {e}");
-        }
-        Ok(())
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))??;
+    state.loaded()?.index.insert(images).await?;
     Ok(Json(IngestResponse { ids }))
 }
 
@@ -266,7 +239,7 @@ pub async fn get_image(
     IdPath(id): IdPath,
 ) -> Result<Json<ImageInfo>, ApiError> {
     validate_id(&id)?;
-    match state.loaded()?.index.get(&id) {
+    match state.loaded()?.index.get(&id).await? {
         Some(metadata) => Ok(Json(ImageInfo { id, metadata })),
         None => Err(ApiError::not_found(format!("no image with id `{id}`"))),
     }
@@ -290,15 +263,8 @@ pub async fn delete_image(
 ) -> Result<Json<Deleted>, ApiError> {
     require_key(&state, &headers)?;
     validate_id(&id)?;
-    let index = state.loaded()?.index.clone();
-    let key = id.clone();
-    let deleted = tokio::task::spawn_blocking(move || index.delete(&key))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))??;
+    let deleted = state.loaded()?.index.delete(&id).await?;
     if deleted {
-        if let Err(e) = state.loaded()?.thumbnails.remove(&id) {
-            tracing::error!("thumbnail of deleted `{id}`: {e}");
-        }
         Ok(Json(Deleted { id, deleted }))
     } else {
         Err(ApiError::not_found(format!("no image with id `{id}`")))
@@ -326,18 +292,9 @@ pub async fn get_thumbnail(
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
     validate_id(&id)?;
-    let loaded = state.loaded()?;
-    if !loaded.index.contains(&id) {
-        return Err(ApiError::not_found(format!("no image with id `{id}`")));
-    }
-    let thumbnails = loaded.thumbnails.clone();
-    let key = id.clone();
-    let jpeg = tokio::task::spawn_blocking(move || thumbnails.read(&key))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| ApiError::internal(format!("reading the thumbnail: {e}")))?;
-    match jpeg {
-        Some(b) => Ok((
+    match state.loaded()?.index.thumbnail(&id).await? {
+        Thumbnail::NoImage => Err(ApiError::not_found(format!("no image with id `{id}`"))),
+        Thumbnail::Jpeg(b) => Ok((
             [
                 (axum::http::header::CONTENT_TYPE, "image/jpeg"),
                 (axum::http::header::CACHE_CONTROL, "no-cache"),
@@ -345,6 +302,6 @@ pub async fn get_thumbnail(
             b,
         )
             .into_response()),
-        None => Err(ApiError::not_found(format!("no thumbnail kept for `{id}`"))),
+        Thumbnail::NotKept => Err(ApiError::not_found(format!("no thumbnail kept for `{id}`"))),
     }
 }

@@ -11,7 +11,8 @@ use base64::Engine as _;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
-use super::AppState;
+use super::state::AppState;
+use crate::timing::{self, Stage};
 
 /// A request body that is either JSON or `multipart/form-data`.
 pub enum Payload {
@@ -205,24 +206,27 @@ async fn preprocess_each<T: Send + 'static>(
 ) -> Result<Vec<T>, ApiError> {
     let embedder = state.loaded()?.embedder.clone();
     let _slot = embedder.decode_slot()?;
-    let mut tasks = Vec::with_capacity(images.len());
-    for bytes in images {
-        let embedder = embedder.clone();
-        tasks.push(tokio::task::spawn_blocking(move || f(&embedder, &bytes)));
-    }
-    let mut out = Vec::with_capacity(tasks.len());
-    for (i, t) in tasks.into_iter().enumerate() {
-        let px = t
-            .await
-            .map_err(|e| ApiError::internal(format!("preprocessing task failed: {e}")))?
-            .map_err(|e| {
-                let mut api: ApiError = e.into();
-                api.message = format!("image {i}: {}", api.message);
-                api
-            })?;
-        out.push(px);
-    }
-    Ok(out)
+    timing::timed(Stage::Decode, async move {
+        let mut tasks = Vec::with_capacity(images.len());
+        for bytes in images {
+            let embedder = embedder.clone();
+            tasks.push(tokio::task::spawn_blocking(move || f(&embedder, &bytes)));
+        }
+        let mut out = Vec::with_capacity(tasks.len());
+        for (i, t) in tasks.into_iter().enumerate() {
+            let px = t
+                .await
+                .map_err(|e| ApiError::internal(format!("preprocessing task failed: {e}")))?
+                .map_err(|e| {
+                    let mut api: ApiError = e.into();
+                    api.message = format!("image {i}: {}", api.message);
+                    api
+                })?;
+            out.push(px);
+        }
+        Ok(out)
+    })
+    .await
 }
 
 /// The `{id}` of a path, with a JSON 400 when it cannot be read (percent-

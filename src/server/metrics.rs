@@ -12,6 +12,7 @@ use prometheus::{
 };
 
 use crate::engine::EngineObserver;
+use crate::timing;
 
 /// Every metric the server exports.
 pub struct Metrics {
@@ -19,9 +20,18 @@ pub struct Metrics {
     requests: IntCounterVec,
     latency: HistogramVec,
     batch_size: HistogramVec,
+    batch_tokens: HistogramVec,
     queue_depth: IntGaugeVec,
     forward: HistogramVec,
+    stages: HistogramVec,
     pub index_size: IntGauge,
+}
+
+/// Buckets of durations, in seconds.
+fn seconds_buckets() -> Vec<f64> {
+    vec![
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ]
 }
 
 impl Default for Metrics {
@@ -58,6 +68,27 @@ impl Metrics {
             &["tower"],
         )
         .expect("metric");
+        let batch_tokens = HistogramVec::new(
+            HistogramOpts::new(
+                "batch_tokens",
+                "Padded tokens per text forward pass (items x the longest)",
+            )
+            .buckets(vec![
+                16.0, 64.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
+            ]),
+            &["tower"],
+        )
+        .expect("metric");
+        let stages = HistogramVec::new(
+            HistogramOpts::new(
+                "request_stage_seconds",
+                "Time of each stage of a request by route: decode, tokenize, \
+                 <tower>-queue, <tower>-inference (as in the Server-Timing header)",
+            )
+            .buckets(seconds_buckets()),
+            &["route", "stage"],
+        )
+        .expect("metric");
         let queue_depth = IntGaugeVec::new(
             Opts::new("queue_depth", "Requests waiting per tower"),
             &["tower"],
@@ -77,8 +108,10 @@ impl Metrics {
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
             Box::new(batch_size.clone()),
+            Box::new(batch_tokens.clone()),
             Box::new(queue_depth.clone()),
             Box::new(forward.clone()),
+            Box::new(stages.clone()),
             Box::new(index_size.clone()),
         ] {
             registry.register(c).expect("unique metric names");
@@ -86,6 +119,9 @@ impl Metrics {
         // Export every per-tower series from the start, at zero.
         for tower in ["text", "image"] {
             batch_size.with_label_values(&[tower]);
+            if tower == "text" {
+                batch_tokens.with_label_values(&[tower]);
+            }
             forward.with_label_values(&[tower]);
             queue_depth.with_label_values(&[tower]).set(0);
         }
@@ -94,8 +130,10 @@ impl Metrics {
             requests,
             latency,
             batch_size,
+            batch_tokens,
             queue_depth,
             forward,
+            stages,
             index_size,
         }
     }
@@ -111,10 +149,15 @@ impl Metrics {
 }
 
 impl EngineObserver for Metrics {
-    fn batch(&self, tower: &'static str, items: usize, seconds: f64) {
+    fn batch(&self, tower: &'static str, items: usize, tokens: usize, seconds: f64) {
         self.batch_size
             .with_label_values(&[tower])
             .observe(items as f64);
+        if tower == "text" {
+            self.batch_tokens
+                .with_label_values(&[tower])
+                .observe(tokens as f64);
+        }
         self.forward.with_label_values(&[tower]).observe(seconds);
     }
 
@@ -126,7 +169,10 @@ impl EngineObserver for Metrics {
 }
 
 /// Counts and times every request by its route template (not its raw path, so
-/// ids do not explode the label set).
+/// ids do not explode the label set), and reports where its time went: a
+/// `Server-Timing` header (`decode`, `tokenize`, `<tower>-queue`,
+/// `<tower>-inference`, `total`, in milliseconds) and the same split in
+/// `request_stage_seconds`.
 pub async fn track(
     State(metrics): State<std::sync::Arc<Metrics>>,
     req: Request,
@@ -139,7 +185,17 @@ pub async fn track(
         .unwrap_or_else(|| "unmatched".into());
     let method = req.method().to_string();
     let started = Instant::now();
-    let resp = next.run(req).await;
+    let (mut resp, timings) = timing::scope(next.run(req)).await;
+    let total = started.elapsed();
+    for (stage, d) in timings.stages() {
+        metrics
+            .stages
+            .with_label_values(&[route.as_str(), stage.name().as_str()])
+            .observe(d.as_secs_f64());
+    }
+    if let Ok(v) = axum::http::HeaderValue::from_str(&timings.server_timing(total)) {
+        resp.headers_mut().insert("server-timing", v);
+    }
     metrics
         .requests
         .with_label_values(&[&route, &method, resp.status().as_str()])
@@ -147,14 +203,16 @@ pub async fn track(
     metrics
         .latency
         .with_label_values(&[&route])
-        .observe(started.elapsed().as_secs_f64());
+        .observe(total.as_secs_f64());
     resp
 }
 
 /// `GET /metrics`.
 #[utoipa::path(get, path = "/metrics", tag = "health",
     responses((status = 200, description = "Prometheus text exposition format", body = String, content_type = "text/plain")))]
-pub async fn metrics(State(state): State<std::sync::Arc<super::AppState>>) -> impl IntoResponse {
+pub async fn metrics(
+    State(state): State<std::sync::Arc<super::state::AppState>>,
+) -> impl IntoResponse {
     if let Ok(l) = state.loaded() {
         let (t, i) = l.embedder.queue_depths();
         state
@@ -167,7 +225,9 @@ pub async fn metrics(State(state): State<std::sync::Arc<super::AppState>>) -> im
             .queue_depth
             .with_label_values(&["image"])
             .set(i as i64);
-        state.metrics.index_size.set(l.index.len() as i64);
+        if let Ok(n) = l.index.len().await {
+            state.metrics.index_size.set(n as i64);
+        }
     }
     (
         [(

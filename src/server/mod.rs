@@ -1,8 +1,12 @@
-//! The HTTP server: axum routes over the [`Embedder`] and the index.
+//! The HTTP server: axum routes over the [`Embedder`](crate::engine::Embedder)
+//! and the index backend.
 //!
 //! One file per resource (`classify`, `search`, `images`, `embed`, `health`),
-//! `error` (the one JSON error shape), `metrics`, `openapi`, and `input`
-//! (request parsing shared by the handlers).
+//! `state` (what handlers share), `error` (the one JSON error shape),
+//! `metrics`, `openapi`, and `input` (request parsing shared by the
+//! handlers). Adding an endpoint: a handler with its `#[utoipa::path]` in its
+//! resource's file, and one `routes!` line in [`api`] — which registers the
+//! route and its OpenAPI entry together.
 
 pub mod classify;
 pub mod embed;
@@ -14,195 +18,53 @@ pub mod metrics;
 pub mod openapi;
 mod page;
 pub mod search;
+pub mod state;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::Router;
-use candle_core::{DType, Device};
 use tokio::sync::watch;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::engine::{Embedder, EngineConfig, EngineObserver};
-use crate::index::{HnswIndex, HnswParams, VectorIndex};
-use crate::pipeline::Pipeline;
 pub use metrics::Metrics;
+pub use state::{AppState, Limits, Loaded, ServeConfig};
 
 pub use crate::zeroshot::DEFAULT_TEMPLATES;
 
-/// Bounds on what one request may ask for.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    pub max_body_bytes: usize,
-    pub max_labels: usize,
-    pub max_label_chars: usize,
-    pub max_templates: usize,
-    pub max_query_chars: usize,
-    pub max_k: usize,
-    pub max_images: usize,
-    pub max_texts: usize,
-    pub max_metadata_bytes: usize,
-    pub max_pixels: u64,
-}
+/// Routes served besides the API, deliberately left out of the OpenAPI
+/// document: the page and its assets, Swagger UI and the document itself.
+pub const UNDOCUMENTED: &[&str] = &["/", "/app.js", "/style.css", "/docs", "/openapi.json"];
 
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_body_bytes: 32 << 20,
-            max_labels: 1000,
-            max_label_chars: 200,
-            max_templates: 100,
-            max_query_chars: 2000,
-            max_k: 1000,
-            max_images: 64,
-            max_texts: 256,
-            max_metadata_bytes: 16 << 10,
-            max_pixels: crate::preprocess::DEFAULT_MAX_PIXELS,
-        }
-    }
-}
-
-/// Everything `capivara serve` is configured with.
-#[derive(Debug, Clone)]
-pub struct ServeConfig {
-    pub model: String,
-    pub addr: SocketAddr,
-    pub data_dir: PathBuf,
-    pub device: Device,
-    pub dtype: DType,
-    pub quantization: crate::model::Quantization,
-    pub engine: EngineConfig,
-    pub limits: Limits,
-    pub api_key: Option<String>,
-    pub templates: Vec<String>,
-    pub hnsw: HnswParams,
-    /// Origins allowed to call the API from a browser page served elsewhere
-    /// (CORS); empty: none (the default: only the page at `/`, same origin);
-    /// `*`: any.
-    pub cors_origins: Vec<String>,
-    /// Longest time a request may take, body upload included; then 408.
-    pub request_timeout: std::time::Duration,
-}
-
-impl ServeConfig {
-    /// Defaults for `model`, listening on `addr` with data in `data_dir`.
-    pub fn new(model: impl Into<String>, addr: SocketAddr, data_dir: impl Into<PathBuf>) -> Self {
-        Self {
-            model: model.into(),
-            addr,
-            data_dir: data_dir.into(),
-            device: Device::Cpu,
-            dtype: DType::F32,
-            quantization: crate::model::Quantization::None,
-            engine: EngineConfig::default(),
-            limits: Limits::default(),
-            api_key: None,
-            templates: DEFAULT_TEMPLATES.iter().map(|s| s.to_string()).collect(),
-            hnsw: HnswParams::default(),
-            cors_origins: Vec::new(),
-            request_timeout: std::time::Duration::from_secs(60),
-        }
-    }
-}
-
-/// The model and the index, once loaded.
-pub struct Loaded {
-    pub embedder: Arc<Embedder>,
-    pub index: Arc<dyn VectorIndex>,
-    pub thumbnails: crate::datadir::Thumbnails,
-    /// The data directory is ours while this lives.
-    _lock: crate::datadir::DataDirLock,
-}
-
-/// What every handler sees.
-pub struct AppState {
-    pub config: ServeConfig,
-    pub metrics: Arc<Metrics>,
-    loaded: OnceLock<Loaded>,
-}
-
-impl AppState {
-    pub fn new(config: ServeConfig) -> Self {
-        Self {
-            config,
-            metrics: Arc::new(Metrics::new()),
-            loaded: OnceLock::new(),
-        }
-    }
-
-    /// Loads the model, warms it up, opens the index. Blocking.
-    pub fn load(&self) -> anyhow::Result<()> {
-        let cfg = &self.config;
-        // One process per data directory: refuse before any slow work.
-        let lock = crate::datadir::lock(&cfg.data_dir)?;
-        tracing::info!(model = %cfg.model, "loading the model");
-        let mut pipeline =
-            Pipeline::load_with(&cfg.model, &cfg.device, cfg.dtype, cfg.quantization)?;
-        pipeline.preprocessor = pipeline
-            .preprocessor
-            .clone()
-            .with_max_pixels(cfg.limits.max_pixels);
-        let dim = pipeline.clip.embed_dim();
-        // Warm-up: one pass per tower (first-call allocations, kernel selection).
-        pipeline.embed_texts(&["uma foto de um gato."])?;
-        let s = pipeline.preprocessor.image_size();
-        let warm = vec![vec![0f32; 3 * s * s]];
-        pipeline
-            .clip
-            .encode_image(&pipeline.preprocessor.batch(&warm, pipeline.clip.device())?)?;
-        let observer: Arc<dyn EngineObserver> = self.metrics.clone();
-        let thumbnails = crate::datadir::Thumbnails::open(&cfg.data_dir)?;
-        let embedder = Arc::new(Embedder::new(pipeline, cfg.engine.clone(), Some(observer)));
-        let index_dir = cfg.data_dir.join("index");
-        tracing::info!(dir = %index_dir.display(), "opening the index");
-        let index = HnswIndex::open(&index_dir, dim, cfg.hnsw.clone())?;
-        self.metrics.index_size.set(index.len() as i64);
-        let _ = self.loaded.set(Loaded {
-            embedder,
-            index: Arc::new(index),
-            thumbnails,
-            _lock: lock,
-        });
-        tracing::info!("ready");
-        Ok(())
-    }
-
-    /// Finishes queued model work and makes the index durable.
-    pub fn shutdown(&self) {
-        if let Some(l) = self.loaded.get() {
-            l.embedder.shutdown();
-            if let Err(e) = l.index.flush() {
-                tracing::error!("flushing the index: {e}");
-            }
-        }
-    }
+/// Every API route, each registered with its OpenAPI entry.
+pub fn api() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::with_openapi(openapi::base())
+        .routes(routes!(classify::classify))
+        .routes(routes!(search::search))
+        .routes(routes!(images::ingest))
+        .routes(routes!(images::get_image, images::delete_image))
+        .routes(routes!(images::get_thumbnail))
+        .routes(routes!(embed::embed_text))
+        .routes(routes!(embed::embed_image))
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(metrics::metrics))
 }
 
 /// The routes.
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.config.limits.max_body_bytes;
     let timeout = state.config.request_timeout;
-    let api = Router::new()
+    let (api, doc) = api().split_for_parts();
+    let api = api
         .route("/", get(page::index))
         .route("/app.js", get(page::app))
         .route("/style.css", get(page::style))
-        .route("/classify", post(classify::classify))
-        .route("/search", post(search::search))
-        .route("/images", post(images::ingest))
-        .route(
-            "/images/{id}",
-            get(images::get_image).delete(images::delete_image),
-        )
-        .route("/images/{id}/thumbnail", get(images::get_thumbnail))
-        .route("/embed/text", post(embed::embed_text))
-        .route("/embed/image", post(embed::embed_image))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(metrics::metrics))
         .fallback(|| async { error::ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state(
@@ -211,7 +73,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         ))
         .with_state(state.clone());
     let app = Router::new()
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::spec()))
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::finish(doc)))
         .merge(api)
         .layer(axum::middleware::from_fn_with_state(timeout, time_limit));
     let app = match cors_layer(&state.config.cors_origins) {
@@ -313,8 +175,7 @@ impl RunningServer {
     pub async fn shutdown(self) -> std::io::Result<()> {
         let _ = self.stop.send(true);
         let r = self.task.await.unwrap_or(Ok(()));
-        let st = self.state.clone();
-        let _ = tokio::task::spawn_blocking(move || st.shutdown()).await;
+        self.state.shutdown().await;
         r
     }
 }

@@ -1,52 +1,17 @@
-//! The OpenAPI document, generated from the handlers' annotations.
+//! The OpenAPI document. Paths and their schemas come from the routes
+//! themselves ([`super::api`] registers each handler with its entry); this
+//! file holds what is not a route: the title, the tags, the API-key scheme.
 
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{classify, embed, error, health, images, metrics, search};
-
-/// The whole API.
+/// The document's frame, before the routes add their paths.
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "capivara",
         description = "Zero-shot image classification and text-to-image search with multilingual (Portuguese-first) CLIP models of the CAPIVARA family."
     ),
-    paths(
-        classify::classify,
-        search::search,
-        images::ingest,
-        images::get_image,
-        images::delete_image,
-        images::get_thumbnail,
-        embed::embed_text,
-        embed::embed_image,
-        health::healthz,
-        health::readyz,
-        metrics::metrics,
-    ),
-    components(schemas(
-        error::ErrorBody,
-        error::ErrorDetail,
-        classify::ClassifyRequest,
-        classify::ClassifyForm,
-        classify::ClassifyResponse,
-        classify::Prediction,
-        search::SearchRequest,
-        search::SearchResponse,
-        search::SearchResult,
-        images::IngestRequest,
-        images::IngestImage,
-        images::IngestForm,
-        images::IngestResponse,
-        images::ImageInfo,
-        images::Deleted,
-        images::Jpeg,
-        embed::EmbedTextRequest,
-        embed::EmbedImageRequest,
-        embed::EmbeddingsResponse,
-        health::Status,
-    )),
     modifiers(&ApiKey),
     tags(
         (name = "classify", description = "Zero-shot classification"),
@@ -70,11 +35,20 @@ impl Modify for ApiKey {
     }
 }
 
-/// The document the server serves at `/openapi.json`.
-pub fn spec() -> utoipa::openapi::OpenApi {
-    let mut doc = ApiDoc::openapi();
+/// The frame the router starts from.
+pub fn base() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// The routes' document with the crate's version.
+pub fn finish(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
     doc
+}
+
+/// The document the server serves at `/openapi.json`.
+pub fn spec() -> utoipa::openapi::OpenApi {
+    finish(super::api().split_for_parts().1)
 }
 
 /// `openapi/openapi.json`, as `capivara openapi` prints it.

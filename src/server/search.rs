@@ -9,7 +9,8 @@ use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
 use super::input::{decode_base64, preprocess_all, JsonBody};
-use super::AppState;
+use super::state::AppState;
+use crate::index::Hit;
 
 fn default_k() -> usize {
     10
@@ -31,19 +32,10 @@ pub struct SearchRequest {
     pub k: usize,
 }
 
-/// One result: the image's id, its cosine similarity, its metadata.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct SearchResult {
-    pub id: String,
-    pub score: f32,
-    #[schema(value_type = Object)]
-    pub metadata: serde_json::Value,
-}
-
 /// Results, best first.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct SearchResponse {
-    pub results: Vec<SearchResult>,
+    pub results: Vec<Hit>,
 }
 
 /// Text-to-image (or image-to-image) search over the index.
@@ -106,18 +98,6 @@ pub async fn search(
         .into_iter()
         .next()
         .ok_or_else(|| ApiError::internal("no embedding"))?;
-    let index = state.loaded()?.index.clone();
-    let hits = tokio::task::spawn_blocking(move || index.search(&v, req.k))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))??;
-    Ok(Json(SearchResponse {
-        results: hits
-            .into_iter()
-            .map(|h| SearchResult {
-                id: h.id,
-                score: h.score,
-                metadata: h.metadata,
-            })
-            .collect(),
-    }))
+    let results = state.loaded()?.index.search(v, req.k).await?;
+    Ok(Json(SearchResponse { results }))
 }

@@ -23,6 +23,8 @@ pub struct Resp {
     pub status: u16,
     pub retry_after: Option<String>,
     pub content_type: String,
+    /// The `Server-Timing` header.
+    pub server_timing: Option<String>,
     pub text: String,
 }
 
@@ -71,6 +73,7 @@ impl Http {
         };
         let retry_after = h("retry-after");
         let content_type = h("content-type").unwrap_or_default();
+        let server_timing = h("server-timing");
         let mut text = String::new();
         r.body_mut()
             .with_config()
@@ -82,6 +85,7 @@ impl Http {
             status,
             retry_after,
             content_type,
+            server_timing,
             text,
         }
     }
@@ -144,6 +148,7 @@ impl Http {
             status,
             retry_after: header("retry-after"),
             content_type: header("content-type").unwrap_or_default(),
+            server_timing: header("server-timing"),
             text: body.to_string(),
         }
     }

@@ -30,10 +30,10 @@ use anyhow::{bail, ensure, Context};
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 use capivara::model::layers::l2_normalize;
-use capivara::model::weights::{
+use capivara::model::{Checkpoint, ClipConfig, Kernels, TextOptions, TextTower, XlmRobertaConfig};
+use capivara::resolve::{
     ModelFiles, CONFIG_FILE, SAFETENSORS_FILE, TEXT_CONFIG_FILE, TOKENIZER_FILE,
 };
-use capivara::model::{Checkpoint, ClipConfig, Kernels, TextOptions, TextTower, XlmRobertaConfig};
 use capivara::Pipeline;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -579,8 +579,9 @@ pub fn distill(cfg: &DistillConfig, out: &Path, progress: bool) -> anyhow::Resul
         out.display()
     );
     let device = capivara::parse_device(&cfg.device)?;
-    let files = capivara::model::weights::resolve(&cfg.teacher)?;
-    let pipeline = Pipeline::from_files(files.clone(), &device, DType::F32)?;
+    let resolved = capivara::resolve::resolve(&cfg.teacher)?;
+    let files = resolved.files.clone();
+    let pipeline = Pipeline::from_resolved(resolved, &device, DType::F32)?;
     let student = Student::new(&files, &cfg.student, &device, cfg.seed)?;
     let teacher_text_parameters = crate::eval::parameter_counts(&files)?.1;
     eprintln!(
@@ -820,7 +821,7 @@ pub fn distill(cfg: &DistillConfig, out: &Path, progress: bool) -> anyhow::Resul
     };
 
     write_student(&files, &student, out)?;
-    let student_files = capivara::model::weights::resolve(&out.to_string_lossy())?;
+    let student_files = capivara::resolve::resolve(&out.to_string_lossy())?.files;
     let report = DistillReport {
         teacher_text_parameters,
         student_text_parameters: student.parameters(),

@@ -473,7 +473,7 @@ pub fn cosine_stats(a: &Tensor, b: &Tensor) -> anyhow::Result<(f64, f64)> {
 }
 
 /// All and text-tower parameters of a model's checkpoint.
-pub fn parameter_counts(files: &capivara::model::ModelFiles) -> anyhow::Result<(usize, usize)> {
+pub fn parameter_counts(files: &capivara::resolve::ModelFiles) -> anyhow::Result<(usize, usize)> {
     let ck = capivara::model::Checkpoint::open(&files.weights)?;
     let (mut all, mut text) = (0, 0);
     for name in ck.names() {

@@ -323,7 +323,7 @@ pub fn fit(
         serde_json::to_vec_pretty(&cfg.spec)?,
     )?;
 
-    let files = capivara::model::weights::resolve(&cfg.model)?;
+    let files = capivara::resolve::resolve(&cfg.model)?.files;
     let mut model = TrainModel::load(files, cfg.spec.clone(), &device, dtype)?;
     let shards = expand_all(&cfg.shards)?;
     anyhow::ensure!(!shards.is_empty(), "no --shards");
@@ -441,7 +441,9 @@ pub fn fit(
             "lr": lr,
             "step_seconds": secs,
             "samples_per_second": cfg.batch_size as f64 / secs.max(1e-9),
-            "logit_scale": model.clip.logit_scale_exp()?,
+            // The tensor, not Clip::logit_scale_exp (read once at load):
+            // the scale may be trained.
+            "logit_scale": model.clip.logit_scale.to_dtype(DType::F32)?.exp()?.to_scalar::<f32>()?,
             "seconds": g.timing,
         }))?;
         bar.set_position(done as u64);
@@ -502,7 +504,7 @@ pub fn fit(
 /// Loads the model of a run with its trained tensors (no merge), for
 /// evaluation and for checking a merge.
 pub fn load_trained(
-    files: capivara::model::weights::ModelFiles,
+    files: capivara::resolve::ModelFiles,
     run: &Path,
     device: &Device,
 ) -> anyhow::Result<TrainModel> {

@@ -54,7 +54,7 @@ enum Command {
     /// `capivara serve --model OUT` (and open_clip) loads.
     Merge {
         /// The base model the run was trained from.
-        #[arg(long, env = "CAPIVARA_MODEL", default_value = capivara::model::weights::DEFAULT_MODEL)]
+        #[arg(long, env = "CAPIVARA_MODEL", default_value = capivara::resolve::DEFAULT_MODEL)]
         model: String,
         /// A `fit --out` directory (its final weights, else its latest checkpoint),
         /// or one of its `.safetensors` files.
@@ -69,7 +69,7 @@ enum Command {
     /// corpus's words.
     PruneVocab {
         /// The model to prune.
-        #[arg(long, env = "CAPIVARA_MODEL", default_value = capivara::model::weights::DEFAULT_MODEL)]
+        #[arg(long, env = "CAPIVARA_MODEL", default_value = capivara::resolve::DEFAULT_MODEL)]
         model: String,
         /// Text files, one text per line (repeatable), e.g. the captions the
         /// deployment will see and the labels it will classify with.
@@ -141,7 +141,7 @@ enum Command {
 #[derive(Args)]
 struct ModelArgs {
     /// Model: a local directory or a Hugging Face repo id.
-    #[arg(long, env = "CAPIVARA_MODEL", default_value = capivara::model::weights::DEFAULT_MODEL)]
+    #[arg(long, env = "CAPIVARA_MODEL", default_value = capivara::resolve::DEFAULT_MODEL)]
     model: String,
     /// cpu, cuda or cuda:N.
     #[arg(long, env = "CAPIVARA_DEVICE", default_value = "cpu")]
@@ -151,7 +151,7 @@ struct ModelArgs {
 #[derive(Args)]
 struct DistillArgs {
     /// The teacher model (a directory or a hub id).
-    #[arg(long, env = "CAPIVARA_MODEL", default_value = capivara::model::weights::DEFAULT_MODEL)]
+    #[arg(long, env = "CAPIVARA_MODEL", default_value = capivara::resolve::DEFAULT_MODEL)]
     teacher: String,
     /// The student's shape, JSON: `num_hidden_layers` and optionally
     /// `hidden_size`, `num_attention_heads`, `intermediate_size`,
@@ -254,7 +254,7 @@ enum Optimizer {
 #[derive(Args)]
 struct FitArgs {
     /// Base model: a local directory or a Hugging Face repo id.
-    #[arg(long, env = "CAPIVARA_MODEL", default_value = capivara::model::weights::DEFAULT_MODEL)]
+    #[arg(long, env = "CAPIVARA_MODEL", default_value = capivara::resolve::DEFAULT_MODEL)]
     model: String,
     /// Training shards, with brace ranges, or `.tsv` files (repeatable).
     #[arg(long, required = true)]
@@ -477,7 +477,7 @@ fn run_features(
 }
 
 fn run_merge(model: &str, lora: &Path, out: &Path) -> anyhow::Result<serde_json::Value> {
-    let files = capivara::model::weights::resolve(model)?;
+    let files = capivara::resolve::resolve(model)?.files;
     let run = merge::read_run(lora)?;
     let started = std::time::Instant::now();
     let n = merge::merge(&files, &run, out)?;
@@ -491,7 +491,7 @@ fn run_merge(model: &str, lora: &Path, out: &Path) -> anyhow::Result<serde_json:
 }
 
 fn run_prune(model: &str, corpus: &[PathBuf], out: &Path) -> anyhow::Result<serde_json::Value> {
-    let files = capivara::model::weights::resolve(model)?;
+    let files = capivara::resolve::resolve(model)?.files;
     let mut texts = Vec::new();
     for path in corpus {
         let text = std::fs::read_to_string(path)

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
-use capivara::model::weights::{ModelFiles, SAFETENSORS_FILE};
 use capivara::model::Checkpoint;
+use capivara::resolve::{ModelFiles, SAFETENSORS_FILE};
 
 use crate::model::TrainSpec;
 
@@ -141,12 +141,9 @@ pub fn merge(files: &ModelFiles, run: &RunWeights, out: &Path) -> anyhow::Result
         .with_context(|| format!("writing {}", tmp.display()))?;
     drop(map);
     for (src, name) in [
-        (&files.config, capivara::model::weights::CONFIG_FILE),
-        (
-            &files.text_config,
-            capivara::model::weights::TEXT_CONFIG_FILE,
-        ),
-        (&files.tokenizer, capivara::model::weights::TOKENIZER_FILE),
+        (&files.config, capivara::resolve::CONFIG_FILE),
+        (&files.text_config, capivara::resolve::TEXT_CONFIG_FILE),
+        (&files.tokenizer, capivara::resolve::TOKENIZER_FILE),
     ] {
         std::fs::copy(src, out.join(name))
             .with_context(|| format!("copying {} to {}", src.display(), out.display()))?;

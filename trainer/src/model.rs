@@ -14,8 +14,8 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{VarBuilder, VarMap};
 use capivara::model::config::TextProj;
 use capivara::model::lora::{DropoutSeed, LoraBuilder, LoraConfig};
-use capivara::model::weights::ModelFiles;
 use capivara::model::{Checkpoint, Clip, ClipConfig, Kernels, TextOptions, XlmRobertaConfig};
+use capivara::resolve::ModelFiles;
 use capivara::tokenizer::TextTokenizer;
 use serde::{Deserialize, Serialize};
 

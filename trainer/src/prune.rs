@@ -15,8 +15,8 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Context};
 use candle_core::{Device, Tensor};
-use capivara::model::weights::{ModelFiles, SAFETENSORS_FILE, TEXT_CONFIG_FILE, TOKENIZER_FILE};
 use capivara::model::Checkpoint;
+use capivara::resolve::{ModelFiles, SAFETENSORS_FILE, TEXT_CONFIG_FILE, TOKENIZER_FILE};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -213,10 +213,7 @@ pub fn prune_vocab(
         serde_json::to_vec_pretty(&text_cfg)?,
     )?;
     std::fs::write(out.join(TOKENIZER_FILE), serde_json::to_vec(&new_tok)?)?;
-    std::fs::copy(
-        &files.config,
-        out.join(capivara::model::weights::CONFIG_FILE),
-    )?;
+    std::fs::copy(&files.config, out.join(capivara::resolve::CONFIG_FILE))?;
     if let Some(dir) = files.tokenizer.parent() {
         // (Not tokenizer_config.json: Python loaders would rebuild the
         // tokenizer from the original SentencePiece files it may name.)

@@ -317,7 +317,7 @@ fn students_learn_the_teacher_and_serve() {
 
 #[test]
 fn every_student_tensor_gets_a_gradient() {
-    let files = capivara::model::weights::resolve(&s(&tiny())).unwrap();
+    let files = capivara::resolve::resolve(&s(&tiny())).unwrap().files;
     let teacher = Pipeline::load(&s(&tiny()), &Device::Cpu, DType::F32).unwrap();
     for cfg in [
         r#"{"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 40}"#,

@@ -198,7 +198,7 @@ fn train_merge_evaluate_and_serve() {
     assert!(base.names().iter().any(|n| n.starts_with("visual.")));
 
     // The merged model embeds as the LoRA model does.
-    let files = capivara::model::weights::resolve(&s(&tiny())).unwrap();
+    let files = capivara::resolve::resolve(&s(&tiny())).unwrap().files;
     let lora = capivara_trainer::fit::load_trained(files, Path::new(&run), &Device::Cpu).unwrap();
     let texts = [
         "um círculo vermelho",

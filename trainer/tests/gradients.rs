@@ -13,7 +13,9 @@ fn tiny() -> PathBuf {
 }
 
 fn load(spec: TrainSpec) -> TrainModel {
-    let files = capivara::model::weights::resolve(tiny().to_str().unwrap()).unwrap();
+    let files = capivara::resolve::resolve(tiny().to_str().unwrap())
+        .unwrap()
+        .files;
     TrainModel::load(files, spec, &Device::Cpu, DType::F32).unwrap()
 }
 
@@ -135,7 +137,9 @@ fn trainable_parameters_match_the_formula() {
         assert!(m.vars().iter().all(|(n, _)| !n.starts_with("visual.")));
     }
     // Bad specs are refused.
-    let files = capivara::model::weights::resolve(tiny().to_str().unwrap()).unwrap();
+    let files = capivara::resolve::resolve(tiny().to_str().unwrap())
+        .unwrap()
+        .files;
     for bad in [
         TrainSpec {
             rank: 0,
@@ -159,7 +163,9 @@ fn trainable_parameters_match_the_formula() {
 /// the f32 model's, and a merge-ready update is f32.
 #[test]
 fn bf16_frozen_weights_train_f32_masters() {
-    let files = capivara::model::weights::resolve(tiny().to_str().unwrap()).unwrap();
+    let files = capivara::resolve::resolve(tiny().to_str().unwrap())
+        .unwrap()
+        .files;
     let spec = TrainSpec {
         learn_logit_scale: true,
         ..Default::default()

@@ -3,7 +3,7 @@
 //! matrix, and clear errors on what it cannot prune.
 
 use candle_core::{DType, Device};
-use capivara::model::weights::resolve;
+use capivara::resolve::resolve;
 use capivara::Pipeline;
 use capivara_trainer::prune::prune_vocab;
 use rand::rngs::StdRng;
@@ -31,7 +31,7 @@ fn embed(p: &Pipeline, texts: &[String]) -> Vec<Vec<f32>> {
 #[test]
 fn pruning_keeps_embeddings_of_covered_texts_exactly() {
     let out = tempfile::tempdir().unwrap();
-    let files = resolve(tiny().to_str().unwrap()).unwrap();
+    let files = resolve(tiny().to_str().unwrap()).unwrap().files;
     let corpus: Vec<String> = CORPUS.iter().map(|s| s.to_string()).collect();
     let report = prune_vocab(&files, &corpus, out.path()).unwrap();
     assert!(report.vocab_after < report.vocab_before / 4, "{report:?}");
@@ -70,7 +70,7 @@ fn pruning_keeps_embeddings_of_covered_texts_exactly() {
     // The pruned directory is a model directory for the trainer too: prune
     // it again with the same corpus and nothing more goes.
     let again = tempfile::tempdir().unwrap();
-    let files2 = resolve(out.path().to_str().unwrap()).unwrap();
+    let files2 = resolve(out.path().to_str().unwrap()).unwrap().files;
     let r2 = prune_vocab(&files2, &corpus, again.path()).unwrap();
     assert_eq!(r2.vocab_after, report.vocab_after);
 }
@@ -78,7 +78,7 @@ fn pruning_keeps_embeddings_of_covered_texts_exactly() {
 #[test]
 fn pruning_refuses_an_empty_corpus_and_other_tokenizers() {
     let out = tempfile::tempdir().unwrap();
-    let files = resolve(tiny().to_str().unwrap()).unwrap();
+    let files = resolve(tiny().to_str().unwrap()).unwrap().files;
     let err = prune_vocab(&files, &["".into(), "   ".into()], out.path()).unwrap_err();
     assert!(err.to_string().contains("no text"), "{err}");
     assert!(!out.path().join("open_clip_model.safetensors").exists());
@@ -94,7 +94,7 @@ fn pruning_refuses_an_empty_corpus_and_other_tokenizers() {
         serde_json::from_slice(&std::fs::read(&tok_path).unwrap()).unwrap();
     tok["model"]["type"] = "WordPiece".into();
     std::fs::write(&tok_path, tok.to_string()).unwrap();
-    let files = resolve(copy.path().to_str().unwrap()).unwrap();
+    let files = resolve(copy.path().to_str().unwrap()).unwrap().files;
     let err = prune_vocab(&files, &["um gato".into()], out.path()).unwrap_err();
     assert!(err.to_string().contains("only Unigram"), "{err}");
 }
