@@ -40,15 +40,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::dataset::{expand_all, mix, Batches, FeatureSet};
-use crate::eval::{retrieval, RetrievalReport};
-use crate::fit::Metrics;
-use crate::loss::add_grads;
-use crate::loss::clip_loss;
+use crate::eval::{retrieval, RetrievalReport, RetrievalSet};
+use crate::loss::{add_grads, clip_loss};
 use crate::optim::{Adam, AdamConfig, Schedule};
+use crate::run::{
+    copy_tokenizer_companions, model_bytes, progress_bar, read_lines, write_weights, Metrics,
+    DISTILL_CONFIG_FILE, DISTILL_FILE, METRICS_FILE,
+};
 
-/// The file `distill` writes its settings and report to, in the output directory.
-pub const DISTILL_FILE: &str = "distill.json";
-const METRICS_FILE: &str = "metrics.jsonl";
 const ENCODER_LAYER: &str = "text.transformer.encoder.layer.";
 
 /// The student's shape (`--student-config S.json`). Unset sizes are the
@@ -430,25 +429,10 @@ fn validate(val: &Val, emb: &Tensor, cache: &TeacherCache) -> anyhow::Result<Val
     })
 }
 
-/// Total size of a model's files.
-pub fn model_bytes(files: &ModelFiles) -> u64 {
-    [
-        &files.weights,
-        &files.config,
-        &files.text_config,
-        &files.tokenizer,
-    ]
-    .iter()
-    .filter_map(|p| std::fs::metadata(p).ok())
-    .map(|m| m.len())
-    .sum()
-}
-
 /// Writes the student as a model directory: the teacher's image tower and
 /// logit scale, the student's text tower, its `text_config.json`, the
 /// teacher's tokenizer and `open_clip_config.json`.
 pub fn write_student(files: &ModelFiles, student: &Student, out: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let ck = Checkpoint::open(&files.weights)?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for name in ck.names() {
@@ -459,39 +443,21 @@ pub fn write_student(files: &ModelFiles, student: &Student, out: &Path) -> anyho
     for (name, var) in student.vars() {
         tensors.insert(name, var.as_tensor().detach().to_device(&Device::Cpu)?);
     }
-    let tmp = out.join(format!("{SAFETENSORS_FILE}.tmp"));
-    candle_core::safetensors::save(&tensors, &tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
+    let weights = write_weights(out, &tensors)?;
     drop(tensors);
-    crate::merge::readable_by_all(&tmp)?;
     std::fs::write(
         out.join(TEXT_CONFIG_FILE),
         serde_json::to_vec_pretty(&student.text_config)?,
     )?;
     std::fs::copy(&files.config, out.join(CONFIG_FILE))?;
     std::fs::copy(&files.tokenizer, out.join(TOKENIZER_FILE))?;
-    if let Some(dir) = files.tokenizer.parent() {
-        for extra in ["tokenizer_config.json", "special_tokens_map.json"] {
-            let p = dir.join(extra);
-            if p.is_file() {
-                std::fs::copy(&p, out.join(extra))?;
-            }
-        }
-    }
-    std::fs::rename(&tmp, out.join(SAFETENSORS_FILE))?;
+    copy_tokenizer_companions(
+        files,
+        &["tokenizer_config.json", "special_tokens_map.json"],
+        out,
+    )?;
+    weights.commit()?;
     Ok(())
-}
-
-/// The non-empty lines of a text file.
-fn read_lines(path: &Path, flag: &str) -> anyhow::Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading {flag} {}", path.display()))?;
-    Ok(text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect())
 }
 
 /// What every step of a stage shares.
@@ -514,7 +480,7 @@ impl Stages {
     ) -> anyhow::Result<StageReport> {
         let steps = sched.max_steps;
         let mut opt = Adam::new(self.vars.clone(), self.adam.clone())?;
-        let bar = crate::fit::progress_bar(steps, self.progress, &format!("stage {stage}"));
+        let bar = progress_bar(steps, self.progress, &format!("stage {stage}"));
         let mut report = StageReport {
             steps,
             first_loss: None,
@@ -636,7 +602,7 @@ pub fn distill(cfg: &DistillConfig, out: &Path, progress: bool) -> anyhow::Resul
         let images = match &cfg.val_features {
             Some(dir) => {
                 let vs = FeatureSet::load(&vshards, dir)?;
-                let v = crate::fit::ValSet::new(&vs)?;
+                let v = RetrievalSet::from_features(&vs)?;
                 Some((v.texts, v.images, v.owner))
             }
             None => None,
@@ -688,13 +654,10 @@ pub fn distill(cfg: &DistillConfig, out: &Path, progress: bool) -> anyhow::Resul
 
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(
-        out.join("distill_config.json"),
+        out.join(DISTILL_CONFIG_FILE),
         serde_json::to_vec_pretty(cfg)?,
     )?;
-    let mut metrics = Metrics(
-        std::fs::File::create(out.join(METRICS_FILE))
-            .with_context(|| format!("writing {}", out.join(METRICS_FILE).display()))?,
-    );
+    let mut metrics = Metrics::create(&out.join(METRICS_FILE))?;
     let chunk = cfg.batch_size;
     let run_val = |student: &Student| -> anyhow::Result<Option<ValReport>> {
         match &val {

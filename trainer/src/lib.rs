@@ -7,12 +7,24 @@
 //! - [`model`]: the CLIP with LoRA adapters and its trainable tensors;
 //! - [`loss`]: the symmetric contrastive loss and GradCache;
 //! - [`optim`]: Adam(W) and the cosine schedule with warm-up;
+//! - [`run`]: run and model directories (file names, checkpoints, metrics,
+//!   atomic writes) and the plumbing the commands share;
 //! - [`fit`]: the training loop, checkpoints and resume;
 //! - [`merge`]: LoRA folded into the base weights, written as a model directory;
 //! - [`eval`]: retrieval recall and zero-shot accuracy;
 //! - [`synth`]: a synthetic captioned dataset to try all of it;
 //! - [`prune`]: vocabulary pruning to the tokens a corpus uses;
 //! - [`distill`]: a smaller text tower distilled from the teacher (DC-CLIP).
+//!
+//! Imports between the modules (`a -> b`: `a` uses `b`) run one way, no loop:
+//!
+//! ```text
+//! distill -> eval, run, loss, optim, dataset, model, data
+//! fit     -> eval, run, loss, optim, dataset, model
+//! merge   -> run            prune -> run          synth -> eval, data
+//! eval    -> run, dataset, features, data
+//! run -> model     loss -> model     dataset -> features, data     features -> data
+//! ```
 
 pub mod data;
 pub mod dataset;
@@ -25,4 +37,5 @@ pub mod merge;
 pub mod model;
 pub mod optim;
 pub mod prune;
+pub mod run;
 pub mod synth;

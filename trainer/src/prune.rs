@@ -15,10 +15,12 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Context};
 use candle_core::{Device, Tensor};
-use capivara::model::weights::{ModelFiles, SAFETENSORS_FILE, TEXT_CONFIG_FILE, TOKENIZER_FILE};
+use capivara::model::weights::{ModelFiles, TEXT_CONFIG_FILE, TOKENIZER_FILE};
 use capivara::model::Checkpoint;
 use serde::Serialize;
 use serde_json::Value;
+
+use crate::run::{copy_tokenizer_companions, write_weights};
 
 /// The token-embedding matrix of the text tower, in open_clip names.
 pub const WORD_EMBEDDINGS: &str = "text.transformer.embeddings.word_embeddings.weight";
@@ -190,11 +192,8 @@ pub fn prune_vocab(
     }
     ensure!(found, "{}: no {WORD_EMBEDDINGS}", files.weights.display());
 
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let tmp = out.join(format!("{SAFETENSORS_FILE}.tmp"));
-    candle_core::safetensors::save(&tensors, &tmp)?;
+    let weights = write_weights(out, &tensors)?;
     drop(tensors);
-    crate::merge::readable_by_all(&tmp)?;
 
     let mut text_cfg: Value = serde_json::from_slice(&std::fs::read(&files.text_config)?)?;
     let map: HashMap<u64, u64> = kept
@@ -217,16 +216,10 @@ pub fn prune_vocab(
         &files.config,
         out.join(capivara::model::weights::CONFIG_FILE),
     )?;
-    if let Some(dir) = files.tokenizer.parent() {
-        // (Not tokenizer_config.json: Python loaders would rebuild the
-        // tokenizer from the original SentencePiece files it may name.)
-        let p = dir.join("special_tokens_map.json");
-        if p.is_file() {
-            std::fs::copy(&p, out.join("special_tokens_map.json"))?;
-        }
-    }
-    let dest = out.join(SAFETENSORS_FILE);
-    std::fs::rename(&tmp, &dest)?;
+    // (Not tokenizer_config.json: Python loaders would rebuild the tokenizer
+    // from the original SentencePiece files it may name.)
+    copy_tokenizer_companions(files, &["special_tokens_map.json"], out)?;
+    let dest = weights.commit()?;
     let bytes_before = std::fs::metadata(&files.weights)?.len();
     let bytes_after = std::fs::metadata(&dest)?.len();
     Ok(PruneReport {

@@ -199,7 +199,7 @@ fn train_merge_evaluate_and_serve() {
 
     // The merged model embeds as the LoRA model does.
     let files = capivara::model::weights::resolve(&s(&tiny())).unwrap();
-    let lora = capivara_trainer::fit::load_trained(files, Path::new(&run), &Device::Cpu).unwrap();
+    let lora = capivara_trainer::run::load_trained(files, Path::new(&run), &Device::Cpu).unwrap();
     let texts = [
         "um círculo vermelho",
         "uma cruz azul sobre um fundo claro",
