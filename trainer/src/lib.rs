@@ -14,6 +14,8 @@
 //! - [`eval`]: retrieval recall and zero-shot accuracy;
 //! - [`synth`]: a synthetic captioned dataset to try all of it;
 //! - [`prune`]: vocabulary pruning to the tokens a corpus uses;
+//! - [`student`]: the smaller text tower `distill` trains, and its start from
+//!   the teacher;
 //! - [`distill`]: a smaller text tower distilled from the teacher (DC-CLIP).
 //!
 //! Imports between the modules (`a -> b`: `a` uses `b`) run one way, no loop:
@@ -38,4 +40,5 @@ pub mod model;
 pub mod optim;
 pub mod prune;
 pub mod run;
+pub mod student;
 pub mod synth;

@@ -220,7 +220,7 @@ struct DistillArgs {
 fn run_distill(a: DistillArgs) -> anyhow::Result<serde_json::Value> {
     let cfg = capivara_trainer::distill::DistillConfig {
         teacher: a.teacher,
-        student: capivara_trainer::distill::StudentConfig::from_file(&a.student_config)?,
+        student: capivara_trainer::student::StudentConfig::from_file(&a.student_config)?,
         shards: a.shards,
         texts: a.texts,
         features: a.features,

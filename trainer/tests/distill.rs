@@ -8,7 +8,8 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use capivara::Pipeline;
-use capivara_trainer::distill::{cosine_loss, Student, StudentConfig};
+use capivara_trainer::loss::cosine_loss;
+use capivara_trainer::student::{Student, StudentConfig};
 use serde_json::Value;
 
 mod common;
