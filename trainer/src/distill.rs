@@ -25,10 +25,11 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context};
 use candle_core::{DType, Device, Tensor, Var};
-use capivara::model::weights::SAFETENSORS_FILE;
+use capivara::model::weights::{ModelFiles, SAFETENSORS_FILE};
 use capivara::Pipeline;
 use serde::{Deserialize, Serialize};
 
+use crate::data::eval_captions;
 use crate::dataset::{expand_all, mix, Batches, FeatureSet};
 use crate::eval::{retrieval, RetrievalReport, RetrievalSet};
 use crate::loss::{add_grads, clip_loss, cosine_loss};
@@ -76,27 +77,14 @@ pub struct ValReport {
     pub retrieval: Option<RetrievalReport>,
 }
 
-/// One stage's losses and time.
-#[derive(Debug, Clone, Serialize)]
+/// One stage's losses and time (all zero for a stage with no steps).
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct StageReport {
     pub steps: usize,
     pub first_loss: Option<f32>,
     pub final_loss: Option<f32>,
     pub seconds: f64,
     pub texts_per_second: f64,
-}
-
-impl StageReport {
-    /// A stage with no steps.
-    fn skipped() -> Self {
-        Self {
-            steps: 0,
-            first_loss: None,
-            final_loss: None,
-            seconds: 0.0,
-            texts_per_second: 0.0,
-        }
-    }
 }
 
 /// What `distill` reports.
@@ -150,18 +138,8 @@ impl TeacherCache {
     }
 }
 
-/// The held-out shards' captions, as evaluation picks them.
-fn val_texts(shards: &[PathBuf]) -> Vec<String> {
-    let mut texts = Vec::new();
-    for s in shards {
-        let (samples, _) = crate::data::read_source(s, false);
-        for smp in samples {
-            texts.extend_from_slice(crate::data::eval_captions(&smp.captions, &smp.generated));
-        }
-    }
-    texts
-}
-
+/// The held-out texts, embedded by the teacher and the student after each
+/// stage.
 struct Val {
     /// The held-out shards' captions first, then the held-out texts.
     texts: Vec<String>,
@@ -170,19 +148,137 @@ struct Val {
     images: Option<(Tensor, Vec<usize>)>,
 }
 
-fn validate(val: &Val, emb: &Tensor, cache: &TeacherCache) -> anyhow::Result<ValReport> {
-    let teacher = cache.get(&val.texts, &Device::Cpu)?;
-    let (mean, min) = crate::eval::cosine_stats(emb, &teacher)?;
-    let retrieval = match &val.images {
-        Some((images, owner)) => Some(retrieval(images, &emb.narrow(0, 0, owner.len())?, owner)?),
-        None => None,
-    };
-    Ok(ValReport {
-        texts: val.texts.len(),
-        mean_cosine_to_teacher: mean,
-        min_cosine_to_teacher: min,
-        retrieval,
-    })
+impl Val {
+    /// `--val-shards` (their captions as evaluation picks them; with
+    /// `--val-features` their images too) and `--val-texts`; `None` without
+    /// either.
+    fn load(cfg: &DistillConfig) -> anyhow::Result<Option<Self>> {
+        let mut extra = Vec::new();
+        for p in &cfg.val_texts {
+            extra.extend(read_lines(p, "--val-texts")?);
+        }
+        let mut val = if cfg.val_shards.is_empty() {
+            None
+        } else {
+            let shards = expand_all(&cfg.val_shards)?;
+            Some(match &cfg.val_features {
+                Some(dir) => {
+                    let v = RetrievalSet::from_features(&FeatureSet::load(&shards, dir)?)?;
+                    Val {
+                        texts: v.texts,
+                        images: Some((v.images, v.owner)),
+                    }
+                }
+                None => {
+                    let mut texts = Vec::new();
+                    for s in &shards {
+                        for smp in crate::data::read_source(s, false).0 {
+                            texts.extend_from_slice(eval_captions(&smp.captions, &smp.generated));
+                        }
+                    }
+                    ensure!(!texts.is_empty(), "the validation shards have no caption");
+                    Val {
+                        texts,
+                        images: None,
+                    }
+                }
+            })
+        };
+        if !extra.is_empty() {
+            match &mut val {
+                Some(v) => v.texts.extend(extra),
+                None => {
+                    val = Some(Val {
+                        texts: extra,
+                        images: None,
+                    })
+                }
+            }
+        }
+        Ok(val)
+    }
+
+    /// The report of the embeddings `emb` of the texts.
+    fn report(&self, emb: &Tensor, cache: &TeacherCache) -> anyhow::Result<ValReport> {
+        let teacher = cache.get(&self.texts, &Device::Cpu)?;
+        let (mean, min) = crate::eval::cosine_stats(emb, &teacher)?;
+        let retrieval = match &self.images {
+            Some((images, owner)) => {
+                Some(retrieval(images, &emb.narrow(0, 0, owner.len())?, owner)?)
+            }
+            None => None,
+        };
+        Ok(ValReport {
+            texts: self.texts.len(),
+            mean_cosine_to_teacher: mean,
+            min_cosine_to_teacher: min,
+            retrieval,
+        })
+    }
+}
+
+/// What the stages learn from and are measured on.
+struct Data {
+    /// Stage 1's texts: every caption of the shards and of `--texts`,
+    /// sorted, each once.
+    stage1: Vec<String>,
+    /// Stage 2's samples: the shards with their image features (when it
+    /// has steps).
+    set: Option<FeatureSet>,
+    val: Option<Val>,
+}
+
+impl Data {
+    fn load(cfg: &DistillConfig, pipeline: &Pipeline) -> anyhow::Result<Self> {
+        let shards = expand_all(&cfg.shards)?;
+        ensure!(!shards.is_empty(), "no --shards");
+        let mut stage1: Vec<String> = Vec::new();
+        for s in &shards {
+            for smp in crate::data::read_source(s, false).0 {
+                stage1.extend(smp.captions);
+                stage1.extend(smp.generated);
+            }
+        }
+        for p in &cfg.texts {
+            stage1.extend(read_lines(p, "--texts")?);
+        }
+        stage1.sort();
+        stage1.dedup();
+        ensure!(
+            !stage1.is_empty(),
+            "the shards and --texts have no caption to distil on"
+        );
+        let set = match &cfg.features {
+            Some(dir) if cfg.stage2_steps > 0 => {
+                let set = FeatureSet::load(&shards, dir)?;
+                ensure!(
+                    set.dim == pipeline.clip.embed_dim(),
+                    "features of size {} but the teacher embeds in {}",
+                    set.dim,
+                    pipeline.clip.embed_dim()
+                );
+                Some(set)
+            }
+            _ => None,
+        };
+        let val = Val::load(cfg)?;
+        Ok(Self { stage1, set, val })
+    }
+
+    /// Every text the teacher's embedding is needed for.
+    fn texts(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.stage1.clone();
+        if let Some(s) = &self.set {
+            for it in &s.items {
+                all.extend(it.captions.iter().cloned());
+                all.extend(it.generated.iter().cloned());
+            }
+        }
+        if let Some(v) = &self.val {
+            all.extend(v.texts.iter().cloned());
+        }
+        all
+    }
 }
 
 /// What every step of a stage shares.
@@ -208,10 +304,7 @@ impl Stages {
         let bar = progress_bar(steps, self.progress, &format!("stage {stage}"));
         let mut report = StageReport {
             steps,
-            first_loss: None,
-            final_loss: None,
-            seconds: 0.0,
-            texts_per_second: 0.0,
+            ..StageReport::default()
         };
         let t0 = Instant::now();
         let mut texts = 0usize;
@@ -243,8 +336,8 @@ impl Stages {
     }
 }
 
-/// Runs both stages and writes the student into `out`.
-pub fn distill(cfg: &DistillConfig, out: &Path, progress: bool) -> anyhow::Result<DistillReport> {
+/// The settings `distill` refuses before loading anything.
+fn check_settings(cfg: &DistillConfig, out: &Path) -> anyhow::Result<()> {
     ensure!(
         cfg.stage1_steps + cfg.stage2_steps >= 1,
         "nothing to do: --stage1-steps and --stage2-steps are both 0"
@@ -269,260 +362,211 @@ pub fn distill(cfg: &DistillConfig, out: &Path, progress: bool) -> anyhow::Resul
         "{} already holds a model: choose another --out",
         out.display()
     );
-    let device = capivara::parse_device(&cfg.device)?;
-    let files = capivara::model::weights::resolve(&cfg.teacher)?;
-    let pipeline = Pipeline::from_files(files.clone(), &device, DType::F32)?;
-    let student = Student::new(&files, &cfg.student, &device, cfg.seed)?;
-    let teacher_text_parameters = crate::eval::parameter_counts(&files)?.1;
-    eprintln!(
-        "student: {} layers from teacher layers {:?}, {} text parameters ({} tensors from the teacher, {} fresh)",
-        student.hf.num_hidden_layers,
-        student.teacher_layers,
-        student.parameters(),
-        student.init.copied_tensors,
-        student.init.fresh_tensors
-    );
+    Ok(())
+}
 
-    // Stage 1's texts: every caption of the shards and of --texts.
-    let shards = expand_all(&cfg.shards)?;
-    ensure!(!shards.is_empty(), "no --shards");
-    let mut stage1: Vec<String> = Vec::new();
-    for s in &shards {
-        let (samples, _) = crate::data::read_source(s, false);
-        for smp in samples {
-            stage1.extend(smp.captions);
-            stage1.extend(smp.generated);
-        }
-    }
-    for p in &cfg.texts {
-        stage1.extend(read_lines(p, "--texts")?);
-    }
-    stage1.sort();
-    stage1.dedup();
-    ensure!(
-        !stage1.is_empty(),
-        "the shards and --texts have no caption to distil on"
-    );
-    let set = match &cfg.features {
-        Some(dir) if cfg.stage2_steps > 0 => {
-            let set = FeatureSet::load(&shards, dir)?;
-            ensure!(
-                set.dim == pipeline.clip.embed_dim(),
-                "features of size {} but the teacher embeds in {}",
-                set.dim,
-                pipeline.clip.embed_dim()
-            );
-            Some(set)
-        }
-        _ => None,
-    };
-    let mut extra_val = Vec::new();
-    for p in &cfg.val_texts {
-        extra_val.extend(read_lines(p, "--val-texts")?);
-    }
-    let mut val = if cfg.val_shards.is_empty() {
-        None
-    } else {
-        let vshards = expand_all(&cfg.val_shards)?;
-        let images = match &cfg.val_features {
-            Some(dir) => {
-                let vs = FeatureSet::load(&vshards, dir)?;
-                let v = RetrievalSet::from_features(&vs)?;
-                Some((v.texts, v.images, v.owner))
-            }
-            None => None,
-        };
-        Some(match images {
-            Some((texts, images, owner)) => Val {
-                texts,
-                images: Some((images, owner)),
-            },
-            None => {
-                let texts = val_texts(&vshards);
-                ensure!(!texts.is_empty(), "the validation shards have no caption");
-                Val {
-                    texts,
-                    images: None,
-                }
-            }
-        })
-    };
-    if !extra_val.is_empty() {
-        match &mut val {
-            Some(v) => v.texts.extend(extra_val),
-            None => {
-                val = Some(Val {
-                    texts: extra_val,
-                    images: None,
-                })
-            }
-        }
-    }
+/// A distillation under way: the teacher, the student, what they learn from
+/// and the stages' shared state.
+struct Distillation<'a> {
+    cfg: &'a DistillConfig,
+    files: ModelFiles,
+    pipeline: Pipeline,
+    student: Student,
+    teacher_text_parameters: usize,
+    data: Data,
+    cache: TeacherCache,
+    stages: Stages,
+}
 
-    let mut all: Vec<String> = stage1.clone();
-    if let Some(s) = &set {
-        for it in &s.items {
-            all.extend(it.captions.iter().cloned());
-            all.extend(it.generated.iter().cloned());
-        }
-    }
-    if let Some(v) = &val {
-        all.extend(v.texts.iter().cloned());
-    }
-    let started = Instant::now();
-    let cache = TeacherCache::new(&pipeline, &all, cfg.batch_size)?;
-    eprintln!(
-        "teacher embeddings of {} distinct texts in {:.1}s",
-        cache.rows.len(),
-        started.elapsed().as_secs_f64()
-    );
-
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    std::fs::write(
-        out.join(DISTILL_CONFIG_FILE),
-        serde_json::to_vec_pretty(cfg)?,
-    )?;
-    let mut metrics = Metrics::create(&out.join(METRICS_FILE))?;
-    let chunk = cfg.batch_size;
-    let run_val = |student: &Student| -> anyhow::Result<Option<ValReport>> {
-        match &val {
-            Some(v) => {
-                let emb = student.embed_texts_detached(&pipeline.tokenizer, &v.texts, chunk)?;
-                Some(validate(v, &emb, &cache)).transpose()
-            }
-            None => Ok(None),
-        }
-    };
-    let teacher_val = match &val {
-        Some(v) => {
-            let emb = cache.get(&v.texts, &Device::Cpu)?;
-            Some(validate(v, &emb, &cache)?)
-        }
-        None => None,
-    };
-    let val_before = run_val(&student)?;
-    if let Some(r) = &val_before {
-        metrics.write(serde_json::json!({"stage": 0, "step": 0, "val": r}))?;
+impl<'a> Distillation<'a> {
+    /// Loads the teacher, builds the student, reads the data, embeds every
+    /// text with the teacher once and starts the output directory.
+    fn set_up(cfg: &'a DistillConfig, out: &Path, progress: bool) -> anyhow::Result<Self> {
+        let device = capivara::parse_device(&cfg.device)?;
+        let files = capivara::model::weights::resolve(&cfg.teacher)?;
+        let pipeline = Pipeline::from_files(files.clone(), &device, DType::F32)?;
+        let student = Student::new(&files, &cfg.student, &device, cfg.seed)?;
+        let teacher_text_parameters = crate::eval::parameter_counts(&files)?.1;
         eprintln!(
-            "before: cosine to the teacher {:.4} on {} held-out captions",
-            r.mean_cosine_to_teacher, r.texts
+            "student: {} layers from teacher layers {:?}, {} text parameters ({} tensors from the teacher, {} fresh)",
+            student.hf.num_hidden_layers,
+            student.teacher_layers,
+            student.parameters(),
+            student.init.copied_tensors,
+            student.init.fresh_tensors
         );
+        let data = Data::load(cfg, &pipeline)?;
+        let started = Instant::now();
+        let cache = TeacherCache::new(&pipeline, &data.texts(), cfg.batch_size)?;
+        eprintln!(
+            "teacher embeddings of {} distinct texts in {:.1}s",
+            cache.rows.len(),
+            started.elapsed().as_secs_f64()
+        );
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        std::fs::write(
+            out.join(DISTILL_CONFIG_FILE),
+            serde_json::to_vec_pretty(cfg)?,
+        )?;
+        let stages = Stages {
+            vars: student.vars(),
+            adam: AdamConfig {
+                weight_decay: cfg.weight_decay,
+                ..AdamConfig::default()
+            },
+            metrics: Metrics::create(&out.join(METRICS_FILE))?,
+            progress,
+        };
+        Ok(Self {
+            cfg,
+            files,
+            pipeline,
+            student,
+            teacher_text_parameters,
+            data,
+            cache,
+            stages,
+        })
     }
-    let mut stages = Stages {
-        vars: student.vars(),
-        adam: AdamConfig {
-            weight_decay: cfg.weight_decay,
-            ..AdamConfig::default()
-        },
-        metrics,
-        progress,
-    };
-    let tokens = |texts: &[String]| -> anyhow::Result<Tensor> {
-        Ok(pipeline.tokenizer.encode_batch(texts)?.to_tensor(&device)?)
-    };
 
-    // Stage 1: feature distillation.
-    let s1 = if cfg.stage1_steps > 0 {
-        let mut batches = Batches::new(
-            stage1.len(),
-            cfg.batch_size.min(stage1.len()),
-            cfg.seed,
-            None,
-        )
-        .context("stage 1 needs at least 2 distinct texts")?;
+    /// The teacher's own figures on the held-out texts.
+    fn teacher_val(&self) -> anyhow::Result<Option<ValReport>> {
+        let Some(v) = &self.data.val else {
+            return Ok(None);
+        };
+        Some(v.report(&self.cache.get(&v.texts, &Device::Cpu)?, &self.cache)).transpose()
+    }
+
+    /// The student's figures on the held-out texts after `stage` (0: before
+    /// training), written to the metrics and said on stderr.
+    fn val_after(&mut self, stage: u8) -> anyhow::Result<Option<ValReport>> {
+        let Some(v) = &self.data.val else {
+            return Ok(None);
+        };
+        let tokenizer = &self.pipeline.tokenizer;
+        let emb = self
+            .student
+            .embed_texts_detached(tokenizer, &v.texts, self.cfg.batch_size)?;
+        let r = v.report(&emb, &self.cache)?;
+        let step = match stage {
+            0 => 0,
+            1 => self.cfg.stage1_steps,
+            _ => self.cfg.stage2_steps,
+        };
+        let line = serde_json::json!({"stage": stage, "step": step, "val": r});
+        self.stages.metrics.write(line)?;
+        match stage {
+            0 => eprintln!(
+                "before: cosine to the teacher {:.4} on {} held-out captions",
+                r.mean_cosine_to_teacher, r.texts
+            ),
+            _ => eprintln!(
+                "after stage {stage}: cosine to the teacher {:.4}",
+                r.mean_cosine_to_teacher
+            ),
+        }
+        Ok(Some(r))
+    }
+
+    /// Stage 1, feature distillation: `1 - cos` to the teacher's embeddings
+    /// of stage 1's texts.
+    fn stage1(&mut self) -> anyhow::Result<StageReport> {
+        let cfg = self.cfg;
+        if cfg.stage1_steps == 0 {
+            return Ok(StageReport::default());
+        }
+        let texts = &self.data.stage1;
+        let mut batches =
+            Batches::new(texts.len(), cfg.batch_size.min(texts.len()), cfg.seed, None)
+                .context("stage 1 needs at least 2 distinct texts")?;
         let sched = Schedule {
             lr: cfg.lr,
             min_lr: cfg.min_lr,
             warmup: cfg.warmup_steps.min(cfg.stage1_steps / 2),
             max_steps: cfg.stage1_steps,
         };
-        stages.run(1, sched, "--lr", |step| {
-            let texts: Vec<String> = batches
+        let (student, cache) = (&self.student, &self.cache);
+        let tokenizer = &self.pipeline.tokenizer;
+        self.stages.run(1, sched, "--lr", |step| {
+            let batch: Vec<String> = batches
                 .indices(step)
                 .iter()
-                .map(|&i| stage1[i].clone())
+                .map(|&i| texts[i].clone())
                 .collect();
-            let target = cache.get(&texts, &device)?;
-            let loss = cosine_loss(&student.embed(&tokens(&texts)?)?, &target)?;
-            Ok((loss, texts.len()))
-        })?
-    } else {
-        StageReport::skipped()
-    };
-    let val_after_stage1 = run_val(&student)?;
-    if let Some(r) = &val_after_stage1 {
-        stages
-            .metrics
-            .write(serde_json::json!({"stage": 1, "step": cfg.stage1_steps, "val": r}))?;
-        eprintln!(
-            "after stage 1: cosine to the teacher {:.4}",
-            r.mean_cosine_to_teacher
-        );
+            let target = cache.get(&batch, &student.device)?;
+            let loss = cosine_loss(&student.embed_texts(tokenizer, &batch)?, &target)?;
+            Ok((loss, batch.len()))
+        })
     }
 
-    // Stage 2: contrastive alignment with the frozen image features.
-    let stage2_samples = set.as_ref().map_or(0, FeatureSet::len);
-    let s2 = match set.as_ref().filter(|_| cfg.stage2_steps > 0) {
-        Some(set) => {
-            let mut batches = Batches::new(set.len(), cfg.batch_size, mix(cfg.seed, 2), None)?;
-            let sched = Schedule {
-                lr: cfg.stage2_lr,
-                min_lr: cfg.min_lr.min(cfg.stage2_lr),
-                warmup: cfg.warmup_steps.min(cfg.stage2_steps / 2),
-                max_steps: cfg.stage2_steps,
-            };
-            let scale = pipeline
-                .clip
-                .logit_scale
-                .to_dtype(DType::F32)?
-                .to_device(&device)?;
-            stages.run(2, sched, "--stage2-lr", |step| {
-                let idx = batches.indices(step);
-                let texts = batches.captions(set, &idx, step);
-                let images = set.rows(&idx, &device)?;
-                let emb = student.embed(&tokens(&texts)?)?;
-                let mut loss = clip_loss(&images, &emb, &scale)?;
-                if cfg.distill_weight > 0.0 {
-                    let target = cache.get(&texts, &device)?;
-                    loss = (loss + (cosine_loss(&emb, &target)? * cfg.distill_weight)?)?;
-                }
-                Ok((loss, texts.len()))
-            })?
-        }
-        None => StageReport::skipped(),
-    };
-    let val_after_stage2 = if cfg.stage2_steps > 0 {
-        let r = run_val(&student)?;
-        if let Some(r) = &r {
-            stages
-                .metrics
-                .write(serde_json::json!({"stage": 2, "step": cfg.stage2_steps, "val": r}))?;
-            eprintln!(
-                "after stage 2: cosine to the teacher {:.4}",
-                r.mean_cosine_to_teacher
-            );
-        }
-        r
-    } else {
-        None
+    /// Stage 2, alignment: CLIP's loss against the image features at the
+    /// teacher's logit scale, plus `--distill-weight` times stage 1's loss.
+    fn stage2(&mut self) -> anyhow::Result<StageReport> {
+        let cfg = self.cfg;
+        let Some(set) = self.data.set.as_ref().filter(|_| cfg.stage2_steps > 0) else {
+            return Ok(StageReport::default());
+        };
+        let mut batches = Batches::new(set.len(), cfg.batch_size, mix(cfg.seed, 2), None)?;
+        let sched = Schedule {
+            lr: cfg.stage2_lr,
+            min_lr: cfg.min_lr.min(cfg.stage2_lr),
+            warmup: cfg.warmup_steps.min(cfg.stage2_steps / 2),
+            max_steps: cfg.stage2_steps,
+        };
+        let (student, cache) = (&self.student, &self.cache);
+        let tokenizer = &self.pipeline.tokenizer;
+        let device = &student.device;
+        let scale = self
+            .pipeline
+            .clip
+            .logit_scale
+            .to_dtype(DType::F32)?
+            .to_device(device)?;
+        self.stages.run(2, sched, "--stage2-lr", |step| {
+            let idx = batches.indices(step);
+            let texts = batches.captions(set, &idx, step);
+            let images = set.rows(&idx, device)?;
+            let emb = student.embed_texts(tokenizer, &texts)?;
+            let mut loss = clip_loss(&images, &emb, &scale)?;
+            if cfg.distill_weight > 0.0 {
+                let target = cache.get(&texts, device)?;
+                loss = (loss + (cosine_loss(&emb, &target)? * cfg.distill_weight)?)?;
+            }
+            Ok((loss, texts.len()))
+        })
+    }
+}
+
+/// Runs both stages and writes the student into `out`.
+pub fn distill(cfg: &DistillConfig, out: &Path, progress: bool) -> anyhow::Result<DistillReport> {
+    check_settings(cfg, out)?;
+    let mut d = Distillation::set_up(cfg, out, progress)?;
+    let teacher_val = d.teacher_val()?;
+    let val_before = d.val_after(0)?;
+    let stage1 = d.stage1()?;
+    let val_after_stage1 = d.val_after(1)?;
+    let stage2 = d.stage2()?;
+    let val_after_stage2 = match cfg.stage2_steps {
+        0 => None,
+        _ => d.val_after(2)?,
     };
 
-    write_student(&files, &student, out)?;
+    write_student(&d.files, &d.student, out)?;
     let student_files = capivara::model::weights::resolve(&out.to_string_lossy())?;
     let report = DistillReport {
-        teacher_text_parameters,
-        student_text_parameters: student.parameters(),
-        teacher_layers: student.teacher_layers.clone(),
-        init: student.init.clone(),
-        stage1_texts: stage1.len(),
-        stage2_samples,
-        stage1: s1,
-        stage2: s2,
+        teacher_text_parameters: d.teacher_text_parameters,
+        student_text_parameters: d.student.parameters(),
+        teacher_layers: d.student.teacher_layers.clone(),
+        init: d.student.init.clone(),
+        stage1_texts: d.data.stage1.len(),
+        stage2_samples: d.data.set.as_ref().map_or(0, FeatureSet::len),
+        stage1,
+        stage2,
         teacher_val,
         val_before,
         val_after_stage1,
         val_after_stage2,
-        bytes_teacher: model_bytes(&files),
+        bytes_teacher: model_bytes(&d.files),
         bytes_student: model_bytes(&student_files),
         out: out.to_path_buf(),
     };
