@@ -8,12 +8,11 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::Context;
 use candle_core::{DType, Tensor};
 use capivara::model::weights::ModelFiles;
 use capivara::model::Checkpoint;
 
-use crate::run::{copy_tokenizer_companions, write_weights, RunWeights};
+use crate::run::{copy_model_files, write_weights, RunWeights};
 
 /// Every tensor of `base` with the run folded in. Errors if an adapter names a
 /// tensor the base lacks or has an inconsistent shape.
@@ -85,23 +84,7 @@ pub fn merge(files: &ModelFiles, run: &RunWeights, out: &Path) -> anyhow::Result
     let map: HashMap<String, Tensor> = tensors.into_iter().collect();
     let weights = write_weights(out, &map)?;
     drop(map);
-    for (src, name) in [
-        (&files.config, capivara::model::weights::CONFIG_FILE),
-        (
-            &files.text_config,
-            capivara::model::weights::TEXT_CONFIG_FILE,
-        ),
-        (&files.tokenizer, capivara::model::weights::TOKENIZER_FILE),
-    ] {
-        std::fs::copy(src, out.join(name))
-            .with_context(|| format!("copying {} to {}", src.display(), out.display()))?;
-    }
-    // The tokenizer's companions, when the base has them (Python loaders use them).
-    copy_tokenizer_companions(
-        files,
-        &["tokenizer_config.json", "special_tokens_map.json"],
-        out,
-    )?;
+    copy_model_files(files, out, &[])?;
     weights.commit()?;
     Ok(n)
 }

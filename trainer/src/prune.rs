@@ -25,7 +25,7 @@ use capivara::model::Checkpoint;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::run::{copy_tokenizer_companions, write_weights};
+use crate::run::{copy_model_files, write_weights};
 
 /// The token-embedding matrix of the text tower, in open_clip names.
 pub const WORD_EMBEDDINGS: &str = "text.transformer.embeddings.word_embeddings.weight";
@@ -255,13 +255,10 @@ pub fn prune_vocab(
         serde_json::to_vec_pretty(&text_cfg)?,
     )?;
     std::fs::write(out.join(TOKENIZER_FILE), serde_json::to_vec(&new_tok)?)?;
-    std::fs::copy(
-        &files.config,
-        out.join(capivara::model::weights::CONFIG_FILE),
-    )?;
     // (Not tokenizer_config.json: Python loaders would rebuild the tokenizer
     // from the original SentencePiece files it may name.)
-    copy_tokenizer_companions(files, &["special_tokens_map.json"], out)?;
+    let written = [TEXT_CONFIG_FILE, TOKENIZER_FILE, "tokenizer_config.json"];
+    copy_model_files(files, out, &written)?;
     let dest = weights.commit()?;
     let bytes_before = std::fs::metadata(&files.weights)?.len();
     let bytes_after = std::fs::metadata(&dest)?.len();

@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
-use capivara::model::weights::{ModelFiles, SAFETENSORS_FILE};
+use capivara::model::weights::{
+    ModelFiles, CONFIG_FILE, SAFETENSORS_FILE, TEXT_CONFIG_FILE, TOKENIZER_FILE,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{TrainModel, TrainSpec};
@@ -281,20 +283,32 @@ pub fn write_weights(
     })
 }
 
-/// Copies those of `names` that stand beside the model's tokenizer (the
-/// files Python loaders read with it) into `out`.
-pub fn copy_tokenizer_companions(
-    files: &ModelFiles,
-    names: &[&str],
-    out: &Path,
-) -> anyhow::Result<()> {
-    if let Some(dir) = files.tokenizer.parent() {
-        for name in names {
-            let p = dir.join(name);
-            if p.is_file() {
-                std::fs::copy(&p, out.join(name))?;
-            }
-        }
+/// The files of a model directory besides its weights: the configs, the
+/// tokenizer and the tokenizer's companions (which Python loaders read).
+pub const MODEL_FILES: [&str; 5] = [
+    CONFIG_FILE,
+    TEXT_CONFIG_FILE,
+    TOKENIZER_FILE,
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
+
+/// Copies the [`MODEL_FILES`] of the model `files` into `out`, but for those
+/// in `except` (written anew): the configs and the tokenizer wherever they
+/// are, the companions from beside the tokenizer when they are there.
+pub fn copy_model_files(files: &ModelFiles, out: &Path, except: &[&str]) -> anyhow::Result<()> {
+    for name in MODEL_FILES.into_iter().filter(|n| !except.contains(n)) {
+        let src = match name {
+            CONFIG_FILE => files.config.clone(),
+            TEXT_CONFIG_FILE => files.text_config.clone(),
+            TOKENIZER_FILE => files.tokenizer.clone(),
+            _ => match files.tokenizer.parent().map(|d| d.join(name)) {
+                Some(p) if p.is_file() => p,
+                _ => continue,
+            },
+        };
+        std::fs::copy(&src, out.join(name))
+            .with_context(|| format!("copying {} to {}", src.display(), out.display()))?;
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ use anyhow::{bail, ensure, Context};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use capivara::model::layers::l2_normalize;
-use capivara::model::weights::{ModelFiles, CONFIG_FILE, TEXT_CONFIG_FILE, TOKENIZER_FILE};
+use capivara::model::weights::{ModelFiles, TEXT_CONFIG_FILE};
 use capivara::model::{Checkpoint, ClipConfig, Kernels, TextOptions, TextTower, XlmRobertaConfig};
 use capivara::tokenizer::TextTokenizer;
 use rand::{Rng, SeedableRng};
@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::dataset::mix;
-use crate::run::{copy_tokenizer_companions, write_weights};
+use crate::run::{copy_model_files, write_weights};
 
 const ENCODER_LAYER: &str = "text.transformer.encoder.layer.";
 
@@ -287,13 +287,7 @@ pub fn write_student(files: &ModelFiles, student: &Student, out: &Path) -> anyho
         out.join(TEXT_CONFIG_FILE),
         serde_json::to_vec_pretty(&student.text_config)?,
     )?;
-    std::fs::copy(&files.config, out.join(CONFIG_FILE))?;
-    std::fs::copy(&files.tokenizer, out.join(TOKENIZER_FILE))?;
-    copy_tokenizer_companions(
-        files,
-        &["tokenizer_config.json", "special_tokens_map.json"],
-        out,
-    )?;
+    copy_model_files(files, out, &[TEXT_CONFIG_FILE])?;
     weights.commit()?;
     Ok(())
 }
