@@ -13,18 +13,18 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 mod common;
-use common::tiny;
+use common::{tiny, CAPTIONS};
 
-const CORPUS: &[&str] = &[
-    "uma foto de um gato dormindo no sofá",
-    "um cachorro correndo na praia",
-    "uma capivara perto do rio",
-    "duas crianças jogando futebol na rua",
-    "um prato de feijoada com arroz e farofa",
-    "o pôr do sol visto do alto do morro",
-    "Uma bicicleta vermelha encostada no muro.",
-    "pessoas caminhando no parque em um dia de sol",
-];
+/// The first captions of the shared set, one capitalised and with a full stop.
+fn corpus() -> Vec<String> {
+    let mut c: Vec<String> = CAPTIONS[..8].iter().map(|s| s.to_string()).collect();
+    c[6] = "Uma bicicleta vermelha encostada no muro.".into();
+    c
+}
+
+fn ids(p: &Pipeline, text: &str) -> Vec<u32> {
+    p.tokenizer.encode(text).unwrap()
+}
 
 fn embed(p: &Pipeline, texts: &[String]) -> Vec<Vec<f32>> {
     p.embed_texts(texts).unwrap().to_vec2::<f32>().unwrap()
@@ -34,7 +34,7 @@ fn embed(p: &Pipeline, texts: &[String]) -> Vec<Vec<f32>> {
 fn pruning_keeps_embeddings_of_covered_texts_exactly() {
     let out = tempfile::tempdir().unwrap();
     let files = resolve(tiny().to_str().unwrap()).unwrap();
-    let corpus: Vec<String> = CORPUS.iter().map(|s| s.to_string()).collect();
+    let corpus = corpus();
     let report = prune_vocab(&files, &corpus, out.path()).unwrap();
     assert!(report.vocab_after < report.vocab_before / 4, "{report:?}");
     assert!(report.bytes_after < report.bytes_before, "{report:?}");
@@ -49,7 +49,7 @@ fn pruning_keeps_embeddings_of_covered_texts_exactly() {
     assert_eq!(pruned.tokenizer.vocab_size(), report.vocab_after);
     // The corpus itself, and new texts made of its words in other orders
     // (the tokenizer segments word by word).
-    let words: Vec<&str> = CORPUS.iter().flat_map(|s| s.split_whitespace()).collect();
+    let words: Vec<&str> = corpus.iter().flat_map(|s| s.split_whitespace()).collect();
     let mut rng = StdRng::seed_from_u64(3);
     let mut texts = corpus.clone();
     for n in 1..30 {
@@ -139,20 +139,12 @@ fn pruning_keeps_added_tokens_past_the_unigram_vocabulary() {
     assert_eq!(original.tokenizer.vocab_size(), v + 2);
     let img = "<img> uma capivara perto do rio".to_string();
     let word = "uma capivarinha perto do rio".to_string();
-    assert!(original
-        .tokenizer
-        .encode(&img)
-        .unwrap()
-        .contains(&(v as u32)));
-    assert!(original
-        .tokenizer
-        .encode(&word)
-        .unwrap()
-        .contains(&(v as u32 + 1)));
+    assert!(ids(&original, &img).contains(&(v as u32)));
+    assert!(ids(&original, &word).contains(&(v as u32 + 1)));
 
     let out = tempfile::tempdir().unwrap();
     let files = resolve(model.path().to_str().unwrap()).unwrap();
-    let corpus: Vec<String> = CORPUS.iter().map(|s| s.to_string()).collect();
+    let corpus = corpus();
     let report = prune_vocab(&files, &corpus, out.path()).unwrap();
     assert_eq!(report.vocab_before, v + 2, "{report:?}");
     assert!(report.vocab_after < v / 4, "{report:?}");
@@ -166,14 +158,14 @@ fn pruning_keeps_added_tokens_past_the_unigram_vocabulary() {
     let tok: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.path().join("tokenizer.json")).unwrap()).unwrap();
     assert_eq!(tok["model"]["vocab"].as_array().unwrap().len(), kept);
-    let ids: Vec<(&str, u64)> = tok["added_tokens"]
+    let added: Vec<(&str, u64)> = tok["added_tokens"]
         .as_array()
         .unwrap()
         .iter()
         .map(|t| (t["content"].as_str().unwrap(), t["id"].as_u64().unwrap()))
         .collect();
     assert_eq!(
-        &ids[ids.len() - 2..],
+        &added[added.len() - 2..],
         [("<img>", kept as u64), ("capivarinha", kept as u64 + 1)]
     );
     let cfg: serde_json::Value =
@@ -193,16 +185,8 @@ fn pruning_keeps_added_tokens_past_the_unigram_vocabulary() {
         "capivarinha <img> um gato no sofá".to_string(),
     ]);
     assert_eq!(embed(&original, &texts), embed(&pruned, &texts));
-    assert!(pruned
-        .tokenizer
-        .encode(&img)
-        .unwrap()
-        .contains(&(kept as u32)));
-    assert!(pruned
-        .tokenizer
-        .encode(&word)
-        .unwrap()
-        .contains(&(kept as u32 + 1)));
+    assert!(ids(&pruned, &img).contains(&(kept as u32)));
+    assert!(ids(&pruned, &word).contains(&(kept as u32 + 1)));
     // The added tokens' rows are their own: the texts differ from the ones
     // without them.
     let plain = embed(&pruned, &["uma capivara perto do rio".to_string()]);
