@@ -18,14 +18,17 @@
 //!   the teacher;
 //! - [`distill`]: a smaller text tower distilled from the teacher (DC-CLIP).
 //!
-//! Imports between the modules (`a -> b`: `a` uses `b`) run one way, no loop:
+//! Imports between the modules (`a -> b`: `a` uses `b`) run one way, no loop
+//! (unit tests aside: `data`'s write their shards with `synth`):
 //!
 //! ```text
-//! distill -> eval, run, loss, optim, dataset, model, data
+//! distill -> student, eval, run, loss, optim, dataset, data
 //! fit     -> eval, run, loss, optim, dataset, model
-//! merge   -> run            prune -> run          synth -> eval, data
+//! student -> run, dataset, model
 //! eval    -> run, dataset, features, data
-//! run -> model     loss -> model     dataset -> features, data     features -> data
+//! merge -> run     prune -> run     run -> model     loss -> model
+//! dataset -> features, data         features -> data
+//! model, optim, data, synth: none
 //! ```
 
 pub mod data;
