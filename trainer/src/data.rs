@@ -267,15 +267,7 @@ mod tests {
 
     fn tar_with(dir: &Path, files: &[(&str, &[u8])]) -> PathBuf {
         let path = dir.join("shard.tar");
-        let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
-        for (name, data) in files {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            h.set_cksum();
-            b.append_data(&mut h, name, *data).unwrap();
-        }
-        b.finish().unwrap();
+        crate::synth::write_tar(&path, files).unwrap();
         path
     }
 

@@ -10,11 +10,8 @@
 //!    the distillation term kept at `--distill-weight` so the student does not
 //!    drift from the teacher's space.
 //!
-//! The student starts from the teacher wherever shapes allow: the token,
-//! position and type embeddings, each student layer from a chosen teacher
-//! layer, the projection; a tensor whose shape differs (a narrower student)
-//! starts fresh (normal(0, 0.02), LayerNorm gains 1, biases 0). It uses the
-//! teacher's tokenizer (prune the vocabulary first with `prune-vocab` for a
+//! The student ([`crate::student`]) starts from the teacher wherever shapes
+//! allow. It uses the teacher's tokenizer (prune the vocabulary first with `prune-vocab` for a
 //! smaller embedding matrix) and the teacher's image tower unchanged, so
 //! `features` computed for the teacher serve the student too.
 //!
@@ -22,251 +19,25 @@
 //! --model OUT` loads it (the text tower's shape comes from its
 //! `text_config.json`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context};
-use candle_core::{DType, Device, Tensor, Var, D};
-use candle_nn::{VarBuilder, VarMap};
-use capivara::model::layers::l2_normalize;
-use capivara::model::{Checkpoint, ClipConfig, Kernels, TextOptions, TextTower, XlmRobertaConfig};
-use capivara::resolve::{
-    ModelFiles, CONFIG_FILE, SAFETENSORS_FILE, TEXT_CONFIG_FILE, TOKENIZER_FILE,
-};
+use anyhow::{ensure, Context};
+use candle_core::{DType, Device, Tensor, Var};
+use capivara::resolve::{ModelFiles, SAFETENSORS_FILE};
 use capivara::Pipeline;
-use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
+use crate::data::eval_captions;
 use crate::dataset::{expand_all, mix, Batches, FeatureSet};
-use crate::eval::{retrieval, RetrievalReport};
-use crate::fit::Metrics;
-use crate::loss::add_grads;
-use crate::loss::clip_loss;
+use crate::eval::{retrieval, RetrievalReport, RetrievalSet};
+use crate::loss::{add_grads, clip_loss, cosine_loss};
 use crate::optim::{Adam, AdamConfig, Schedule};
-
-/// The file `distill` writes its settings and report to, in the output directory.
-pub const DISTILL_FILE: &str = "distill.json";
-const METRICS_FILE: &str = "metrics.jsonl";
-const ENCODER_LAYER: &str = "text.transformer.encoder.layer.";
-
-/// The student's shape (`--student-config S.json`). Unset sizes are the
-/// teacher's.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StudentConfig {
-    pub num_hidden_layers: usize,
-    #[serde(default)]
-    pub hidden_size: Option<usize>,
-    #[serde(default)]
-    pub num_attention_heads: Option<usize>,
-    #[serde(default)]
-    pub intermediate_size: Option<usize>,
-    /// The teacher layer each student layer starts from (default: evenly
-    /// spaced, first and last included).
-    #[serde(default)]
-    pub teacher_layers: Option<Vec<usize>>,
-}
-
-impl StudentConfig {
-    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the student config {}", path.display()))?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a student config", path.display()))
-    }
-
-    /// The student's `text_config.json` (the teacher's with the overrides),
-    /// parsed, and the teacher layer of each student layer.
-    pub fn resolve(
-        &self,
-        teacher: &Value,
-    ) -> anyhow::Result<(Value, XlmRobertaConfig, Vec<usize>)> {
-        let t = XlmRobertaConfig::from_json(&teacher.to_string(), "the teacher's text config")?;
-        let n = self.num_hidden_layers;
-        ensure!(
-            n >= 1,
-            "student config: num_hidden_layers must be at least 1"
-        );
-        let hidden = self.hidden_size.unwrap_or(t.hidden_size);
-        let heads = self.num_attention_heads.unwrap_or(t.num_attention_heads);
-        let inter = self.intermediate_size.unwrap_or(t.intermediate_size);
-        ensure!(
-            hidden >= 1 && heads >= 1 && inter >= 1,
-            "student config: sizes must be at least 1"
-        );
-        ensure!(
-            hidden.is_multiple_of(heads),
-            "student config: hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
-        );
-        let tl = t.num_hidden_layers;
-        let layers = match &self.teacher_layers {
-            Some(v) => {
-                ensure!(
-                    v.len() == n,
-                    "student config: teacher_layers names {} layers for {n} student layers",
-                    v.len()
-                );
-                if let Some(bad) = v.iter().find(|&&l| l >= tl) {
-                    bail!(
-                        "student config: teacher layer {bad} does not exist (the teacher has {tl})"
-                    );
-                }
-                v.clone()
-            }
-            None if n == 1 => vec![tl - 1],
-            None => (0..n)
-                .map(|i| ((i * (tl - 1)) as f64 / (n - 1) as f64).round() as usize)
-                .collect(),
-        };
-        let mut json = teacher.clone();
-        json["num_hidden_layers"] = n.into();
-        json["hidden_size"] = hidden.into();
-        json["num_attention_heads"] = heads.into();
-        json["intermediate_size"] = inter.into();
-        let cfg = XlmRobertaConfig::from_json(&json.to_string(), "the student's text config")?;
-        Ok((json, cfg, layers))
-    }
-}
-
-/// How the student's tensors started.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct InitReport {
-    pub copied_tensors: usize,
-    pub copied_parameters: usize,
-    pub fresh_tensors: usize,
-    pub fresh_parameters: usize,
-    /// The tensors that started fresh (shape differs from the teacher's).
-    pub fresh: Vec<String>,
-}
-
-/// The teacher tensor a student tensor starts from.
-fn teacher_name(name: &str, layers: &[usize]) -> String {
-    if let Some(rest) = name.strip_prefix(ENCODER_LAYER) {
-        if let Some((i, tail)) = rest.split_once('.') {
-            if let Some(&t) = i.parse::<usize>().ok().and_then(|i| layers.get(i)) {
-                return format!("{ENCODER_LAYER}{t}.{tail}");
-            }
-        }
-    }
-    name.to_string()
-}
-
-/// A fresh value for a tensor that cannot come from the teacher.
-fn fresh_tensor(
-    name: &str,
-    dims: &[usize],
-    rng: &mut rand::rngs::StdRng,
-) -> anyhow::Result<Tensor> {
-    let n: usize = dims.iter().product();
-    let v: Vec<f32> = if name.ends_with("LayerNorm.weight") {
-        vec![1.0; n]
-    } else if name.ends_with(".bias") {
-        vec![0.0; n]
-    } else {
-        // Normal(0, 0.02) by Box-Muller (the initializer_range of XLM-R).
-        (0..n)
-            .map(|_| {
-                let u1: f32 = 1.0 - rng.random::<f32>();
-                let u2: f32 = rng.random();
-                0.02 * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-            })
-            .collect()
-    };
-    Ok(Tensor::from_vec(v, dims, &Device::Cpu)?)
-}
-
-/// The student text tower with its trainable tensors.
-pub struct Student {
-    pub tower: TextTower,
-    pub varmap: VarMap,
-    pub hf: XlmRobertaConfig,
-    /// Its `text_config.json`.
-    pub text_config: Value,
-    pub teacher_layers: Vec<usize>,
-    pub init: InitReport,
-}
-
-impl Student {
-    /// Builds the student of `sc` on `device` (f32), initialised from the
-    /// teacher `files` where shapes allow; `seed` draws the fresh tensors.
-    pub fn new(
-        files: &ModelFiles,
-        sc: &StudentConfig,
-        device: &Device,
-        seed: u64,
-    ) -> anyhow::Result<Self> {
-        let cfg = ClipConfig::from_file(&files.config)?;
-        let teacher_json: Value = serde_json::from_slice(&std::fs::read(&files.text_config)?)
-            .with_context(|| format!("reading {}", files.text_config.display()))?;
-        let (text_config, hf, layers) = sc.resolve(&teacher_json)?;
-        let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-        let opts = TextOptions {
-            kernels: Kernels::Differentiable,
-            lora: None,
-        };
-        let tower = TextTower::load(vb.pp("text"), &cfg.text, &hf, cfg.embed_dim, opts)?;
-        let ck = Checkpoint::open(&files.weights)?;
-        let names: HashSet<String> = ck.names().into_iter().collect();
-        let mut init = InitReport::default();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(mix(seed, 0x5EED));
-        for (name, var) in crate::model::sorted_vars(&varmap) {
-            let tname = teacher_name(&name, &layers);
-            let from_teacher = if names.contains(&tname) {
-                let t = ck.tensor(&tname)?;
-                (t.dims() == var.dims()).then_some(t)
-            } else {
-                None
-            };
-            let n = var.elem_count();
-            let value = match from_teacher {
-                Some(t) => {
-                    init.copied_tensors += 1;
-                    init.copied_parameters += n;
-                    t
-                }
-                None => {
-                    init.fresh_tensors += 1;
-                    init.fresh_parameters += n;
-                    init.fresh.push(name.clone());
-                    fresh_tensor(&name, var.dims(), &mut rng)?
-                }
-            };
-            var.set(&value.to_dtype(DType::F32)?.to_device(device)?)?;
-        }
-        Ok(Self {
-            tower,
-            varmap,
-            hf,
-            text_config,
-            teacher_layers: layers,
-            init,
-        })
-    }
-
-    /// The trainable tensors, sorted by name.
-    pub fn vars(&self) -> Vec<(String, Var)> {
-        crate::model::sorted_vars(&self.varmap)
-    }
-
-    /// Number of scalars of the student's text tower.
-    pub fn parameters(&self) -> usize {
-        self.vars().iter().map(|(_, v)| v.elem_count()).sum()
-    }
-
-    /// Normalised embeddings of token ids `(b, l)`, with the graph.
-    pub fn embed(&self, ids: &Tensor) -> anyhow::Result<Tensor> {
-        Ok(l2_normalize(&self.tower.forward(ids)?)?)
-    }
-}
-
-/// `mean(1 - cos(a_i, b_i))` for row-aligned unit vectors.
-pub fn cosine_loss(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    let cos = (a * b)?.sum(D::Minus1)?;
-    (cos.ones_like()? - cos)?.mean_all()
-}
+use crate::run::{
+    model_bytes, progress_bar, read_lines, Metrics, DISTILL_CONFIG_FILE, DISTILL_FILE, METRICS_FILE,
+};
+use crate::student::{write_student, InitReport, Student, StudentConfig};
 
 /// Everything `distill` is told.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -306,27 +77,14 @@ pub struct ValReport {
     pub retrieval: Option<RetrievalReport>,
 }
 
-/// One stage's losses and time.
-#[derive(Debug, Clone, Serialize)]
+/// One stage's losses and time (all zero for a stage with no steps).
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct StageReport {
     pub steps: usize,
     pub first_loss: Option<f32>,
     pub final_loss: Option<f32>,
     pub seconds: f64,
     pub texts_per_second: f64,
-}
-
-impl StageReport {
-    /// A stage with no steps.
-    fn skipped() -> Self {
-        Self {
-            steps: 0,
-            first_loss: None,
-            final_loss: None,
-            seconds: 0.0,
-            texts_per_second: 0.0,
-        }
-    }
 }
 
 /// What `distill` reports.
@@ -380,18 +138,8 @@ impl TeacherCache {
     }
 }
 
-/// The held-out shards' captions, as evaluation picks them.
-fn val_texts(shards: &[PathBuf]) -> Vec<String> {
-    let mut texts = Vec::new();
-    for s in shards {
-        let (samples, _) = crate::data::read_source(s, false);
-        for smp in samples {
-            texts.extend_from_slice(crate::data::eval_captions(&smp.captions, &smp.generated));
-        }
-    }
-    texts
-}
-
+/// The held-out texts, embedded by the teacher and the student after each
+/// stage.
 struct Val {
     /// The held-out shards' captions first, then the held-out texts.
     texts: Vec<String>,
@@ -400,98 +148,137 @@ struct Val {
     images: Option<(Tensor, Vec<usize>)>,
 }
 
-fn embed_student(
-    student: &Student,
-    pipeline: &Pipeline,
-    texts: &[String],
-    chunk: usize,
-) -> anyhow::Result<Tensor> {
-    let device = pipeline.clip.device();
-    let mut parts = Vec::new();
-    for c in texts.chunks(chunk.max(1)) {
-        let ids = pipeline.tokenizer.encode_batch(c)?.to_tensor(device)?;
-        parts.push(student.embed(&ids)?.detach().to_device(&Device::Cpu)?);
-    }
-    Ok(Tensor::cat(&parts, 0)?)
-}
-
-fn validate(val: &Val, emb: &Tensor, cache: &TeacherCache) -> anyhow::Result<ValReport> {
-    let teacher = cache.get(&val.texts, &Device::Cpu)?;
-    let (mean, min) = crate::eval::cosine_stats(emb, &teacher)?;
-    let retrieval = match &val.images {
-        Some((images, owner)) => Some(retrieval(images, &emb.narrow(0, 0, owner.len())?, owner)?),
-        None => None,
-    };
-    Ok(ValReport {
-        texts: val.texts.len(),
-        mean_cosine_to_teacher: mean,
-        min_cosine_to_teacher: min,
-        retrieval,
-    })
-}
-
-/// Total size of a model's files.
-pub fn model_bytes(files: &ModelFiles) -> u64 {
-    [
-        &files.weights,
-        &files.config,
-        &files.text_config,
-        &files.tokenizer,
-    ]
-    .iter()
-    .filter_map(|p| std::fs::metadata(p).ok())
-    .map(|m| m.len())
-    .sum()
-}
-
-/// Writes the student as a model directory: the teacher's image tower and
-/// logit scale, the student's text tower, its `text_config.json`, the
-/// teacher's tokenizer and `open_clip_config.json`.
-pub fn write_student(files: &ModelFiles, student: &Student, out: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let ck = Checkpoint::open(&files.weights)?;
-    let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    for name in ck.names() {
-        if !name.starts_with("text.") {
-            tensors.insert(name.clone(), ck.tensor(&name)?);
+impl Val {
+    /// `--val-shards` (their captions as evaluation picks them; with
+    /// `--val-features` their images too) and `--val-texts`; `None` without
+    /// either.
+    fn load(cfg: &DistillConfig) -> anyhow::Result<Option<Self>> {
+        let mut extra = Vec::new();
+        for p in &cfg.val_texts {
+            extra.extend(read_lines(p, "--val-texts")?);
         }
-    }
-    for (name, var) in student.vars() {
-        tensors.insert(name, var.as_tensor().detach().to_device(&Device::Cpu)?);
-    }
-    let tmp = out.join(format!("{SAFETENSORS_FILE}.tmp"));
-    candle_core::safetensors::save(&tensors, &tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    drop(tensors);
-    crate::merge::readable_by_all(&tmp)?;
-    std::fs::write(
-        out.join(TEXT_CONFIG_FILE),
-        serde_json::to_vec_pretty(&student.text_config)?,
-    )?;
-    std::fs::copy(&files.config, out.join(CONFIG_FILE))?;
-    std::fs::copy(&files.tokenizer, out.join(TOKENIZER_FILE))?;
-    if let Some(dir) = files.tokenizer.parent() {
-        for extra in ["tokenizer_config.json", "special_tokens_map.json"] {
-            let p = dir.join(extra);
-            if p.is_file() {
-                std::fs::copy(&p, out.join(extra))?;
+        let mut val = if cfg.val_shards.is_empty() {
+            None
+        } else {
+            let shards = expand_all(&cfg.val_shards)?;
+            Some(match &cfg.val_features {
+                Some(dir) => {
+                    let v = RetrievalSet::from_features(&FeatureSet::load(&shards, dir)?)?;
+                    Val {
+                        texts: v.texts,
+                        images: Some((v.images, v.owner)),
+                    }
+                }
+                None => {
+                    let mut texts = Vec::new();
+                    for s in &shards {
+                        for smp in crate::data::read_source(s, false).0 {
+                            texts.extend_from_slice(eval_captions(&smp.captions, &smp.generated));
+                        }
+                    }
+                    ensure!(!texts.is_empty(), "the validation shards have no caption");
+                    Val {
+                        texts,
+                        images: None,
+                    }
+                }
+            })
+        };
+        if !extra.is_empty() {
+            match &mut val {
+                Some(v) => v.texts.extend(extra),
+                None => {
+                    val = Some(Val {
+                        texts: extra,
+                        images: None,
+                    })
+                }
             }
         }
+        Ok(val)
     }
-    std::fs::rename(&tmp, out.join(SAFETENSORS_FILE))?;
-    Ok(())
+
+    /// The report of the embeddings `emb` of the texts.
+    fn report(&self, emb: &Tensor, cache: &TeacherCache) -> anyhow::Result<ValReport> {
+        let teacher = cache.get(&self.texts, &Device::Cpu)?;
+        let (mean, min) = crate::eval::cosine_stats(emb, &teacher)?;
+        let retrieval = match &self.images {
+            Some((images, owner)) => {
+                Some(retrieval(images, &emb.narrow(0, 0, owner.len())?, owner)?)
+            }
+            None => None,
+        };
+        Ok(ValReport {
+            texts: self.texts.len(),
+            mean_cosine_to_teacher: mean,
+            min_cosine_to_teacher: min,
+            retrieval,
+        })
+    }
 }
 
-/// The non-empty lines of a text file.
-fn read_lines(path: &Path, flag: &str) -> anyhow::Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading {flag} {}", path.display()))?;
-    Ok(text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect())
+/// What the stages learn from and are measured on.
+struct Data {
+    /// Stage 1's texts: every caption of the shards and of `--texts`,
+    /// sorted, each once.
+    stage1: Vec<String>,
+    /// Stage 2's samples: the shards with their image features (when it
+    /// has steps).
+    set: Option<FeatureSet>,
+    val: Option<Val>,
+}
+
+impl Data {
+    fn load(cfg: &DistillConfig, pipeline: &Pipeline) -> anyhow::Result<Self> {
+        let shards = expand_all(&cfg.shards)?;
+        ensure!(!shards.is_empty(), "no --shards");
+        let mut stage1: Vec<String> = Vec::new();
+        for s in &shards {
+            for smp in crate::data::read_source(s, false).0 {
+                stage1.extend(smp.captions);
+                stage1.extend(smp.generated);
+            }
+        }
+        for p in &cfg.texts {
+            stage1.extend(read_lines(p, "--texts")?);
+        }
+        stage1.sort();
+        stage1.dedup();
+        ensure!(
+            !stage1.is_empty(),
+            "the shards and --texts have no caption to distil on"
+        );
+        let set = match &cfg.features {
+            Some(dir) if cfg.stage2_steps > 0 => {
+                let set = FeatureSet::load(&shards, dir)?;
+                ensure!(
+                    set.dim == pipeline.clip.embed_dim(),
+                    "features of size {} but the teacher embeds in {}",
+                    set.dim,
+                    pipeline.clip.embed_dim()
+                );
+                Some(set)
+            }
+            _ => None,
+        };
+        let val = Val::load(cfg)?;
+        Ok(Self { stage1, set, val })
+    }
+
+    /// Every text the teacher's embedding is needed for.
+    fn texts(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.stage1.clone();
+        if let Some(s) = &self.set {
+            for it in &s.items {
+                all.extend(it.captions.iter().cloned());
+                all.extend(it.generated.iter().cloned());
+            }
+        }
+        if let Some(v) = &self.val {
+            all.extend(v.texts.iter().cloned());
+        }
+        all
+    }
 }
 
 /// What every step of a stage shares.
@@ -514,13 +301,10 @@ impl Stages {
     ) -> anyhow::Result<StageReport> {
         let steps = sched.max_steps;
         let mut opt = Adam::new(self.vars.clone(), self.adam.clone())?;
-        let bar = crate::fit::progress_bar(steps, self.progress, &format!("stage {stage}"));
+        let bar = progress_bar(steps, self.progress, &format!("stage {stage}"));
         let mut report = StageReport {
             steps,
-            first_loss: None,
-            final_loss: None,
-            seconds: 0.0,
-            texts_per_second: 0.0,
+            ..StageReport::default()
         };
         let t0 = Instant::now();
         let mut texts = 0usize;
@@ -552,8 +336,8 @@ impl Stages {
     }
 }
 
-/// Runs both stages and writes the student into `out`.
-pub fn distill(cfg: &DistillConfig, out: &Path, progress: bool) -> anyhow::Result<DistillReport> {
+/// The settings `distill` refuses before loading anything.
+fn check_settings(cfg: &DistillConfig, out: &Path) -> anyhow::Result<()> {
     ensure!(
         cfg.stage1_steps + cfg.stage2_steps >= 1,
         "nothing to do: --stage1-steps and --stage2-steps are both 0"
@@ -578,358 +362,215 @@ pub fn distill(cfg: &DistillConfig, out: &Path, progress: bool) -> anyhow::Resul
         "{} already holds a model: choose another --out",
         out.display()
     );
-    let device = capivara::parse_device(&cfg.device)?;
-    let resolved = capivara::resolve::resolve(&cfg.teacher)?;
-    let files = resolved.files.clone();
-    let pipeline = Pipeline::from_resolved(resolved, &device, DType::F32)?;
-    let student = Student::new(&files, &cfg.student, &device, cfg.seed)?;
-    let teacher_text_parameters = crate::eval::parameter_counts(&files)?.1;
-    eprintln!(
-        "student: {} layers from teacher layers {:?}, {} text parameters ({} tensors from the teacher, {} fresh)",
-        student.hf.num_hidden_layers,
-        student.teacher_layers,
-        student.parameters(),
-        student.init.copied_tensors,
-        student.init.fresh_tensors
-    );
+    Ok(())
+}
 
-    // Stage 1's texts: every caption of the shards and of --texts.
-    let shards = expand_all(&cfg.shards)?;
-    ensure!(!shards.is_empty(), "no --shards");
-    let mut stage1: Vec<String> = Vec::new();
-    for s in &shards {
-        let (samples, _) = crate::data::read_source(s, false);
-        for smp in samples {
-            stage1.extend(smp.captions);
-            stage1.extend(smp.generated);
-        }
-    }
-    for p in &cfg.texts {
-        stage1.extend(read_lines(p, "--texts")?);
-    }
-    stage1.sort();
-    stage1.dedup();
-    ensure!(
-        !stage1.is_empty(),
-        "the shards and --texts have no caption to distil on"
-    );
-    let set = match &cfg.features {
-        Some(dir) if cfg.stage2_steps > 0 => {
-            let set = FeatureSet::load(&shards, dir)?;
-            ensure!(
-                set.dim == pipeline.clip.embed_dim(),
-                "features of size {} but the teacher embeds in {}",
-                set.dim,
-                pipeline.clip.embed_dim()
-            );
-            Some(set)
-        }
-        _ => None,
-    };
-    let mut extra_val = Vec::new();
-    for p in &cfg.val_texts {
-        extra_val.extend(read_lines(p, "--val-texts")?);
-    }
-    let mut val = if cfg.val_shards.is_empty() {
-        None
-    } else {
-        let vshards = expand_all(&cfg.val_shards)?;
-        let images = match &cfg.val_features {
-            Some(dir) => {
-                let vs = FeatureSet::load(&vshards, dir)?;
-                let v = crate::fit::ValSet::new(&vs)?;
-                Some((v.texts, v.images, v.owner))
-            }
-            None => None,
-        };
-        Some(match images {
-            Some((texts, images, owner)) => Val {
-                texts,
-                images: Some((images, owner)),
-            },
-            None => {
-                let texts = val_texts(&vshards);
-                ensure!(!texts.is_empty(), "the validation shards have no caption");
-                Val {
-                    texts,
-                    images: None,
-                }
-            }
-        })
-    };
-    if !extra_val.is_empty() {
-        match &mut val {
-            Some(v) => v.texts.extend(extra_val),
-            None => {
-                val = Some(Val {
-                    texts: extra_val,
-                    images: None,
-                })
-            }
-        }
-    }
+/// A distillation under way: the teacher, the student, what they learn from
+/// and the stages' shared state.
+struct Distillation<'a> {
+    cfg: &'a DistillConfig,
+    files: ModelFiles,
+    pipeline: Pipeline,
+    student: Student,
+    teacher_text_parameters: usize,
+    data: Data,
+    cache: TeacherCache,
+    stages: Stages,
+}
 
-    let mut all: Vec<String> = stage1.clone();
-    if let Some(s) = &set {
-        for it in &s.items {
-            all.extend(it.captions.iter().cloned());
-            all.extend(it.generated.iter().cloned());
-        }
-    }
-    if let Some(v) = &val {
-        all.extend(v.texts.iter().cloned());
-    }
-    let started = Instant::now();
-    let cache = TeacherCache::new(&pipeline, &all, cfg.batch_size)?;
-    eprintln!(
-        "teacher embeddings of {} distinct texts in {:.1}s",
-        cache.rows.len(),
-        started.elapsed().as_secs_f64()
-    );
-
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    std::fs::write(
-        out.join("distill_config.json"),
-        serde_json::to_vec_pretty(cfg)?,
-    )?;
-    let mut metrics = Metrics(
-        std::fs::File::create(out.join(METRICS_FILE))
-            .with_context(|| format!("writing {}", out.join(METRICS_FILE).display()))?,
-    );
-    let chunk = cfg.batch_size;
-    let run_val = |student: &Student| -> anyhow::Result<Option<ValReport>> {
-        match &val {
-            Some(v) => {
-                let emb = embed_student(student, &pipeline, &v.texts, chunk)?;
-                Some(validate(v, &emb, &cache)).transpose()
-            }
-            None => Ok(None),
-        }
-    };
-    let teacher_val = match &val {
-        Some(v) => {
-            let emb = cache.get(&v.texts, &Device::Cpu)?;
-            Some(validate(v, &emb, &cache)?)
-        }
-        None => None,
-    };
-    let val_before = run_val(&student)?;
-    if let Some(r) = &val_before {
-        metrics.write(serde_json::json!({"stage": 0, "step": 0, "val": r}))?;
+impl<'a> Distillation<'a> {
+    /// Loads the teacher, builds the student, reads the data, embeds every
+    /// text with the teacher once and starts the output directory.
+    fn set_up(cfg: &'a DistillConfig, out: &Path, progress: bool) -> anyhow::Result<Self> {
+        let device = capivara::parse_device(&cfg.device)?;
+        let resolved = capivara::resolve::resolve(&cfg.teacher)?;
+        let files = resolved.files.clone();
+        let pipeline = Pipeline::from_resolved(resolved, &device, DType::F32)?;
+        let student = Student::new(&files, &cfg.student, &device, cfg.seed)?;
+        let teacher_text_parameters = crate::eval::parameter_counts(&files)?.1;
         eprintln!(
-            "before: cosine to the teacher {:.4} on {} held-out captions",
-            r.mean_cosine_to_teacher, r.texts
+            "student: {} layers from teacher layers {:?}, {} text parameters ({} tensors from the teacher, {} fresh)",
+            student.hf.num_hidden_layers,
+            student.teacher_layers,
+            student.parameters(),
+            student.init.copied_tensors,
+            student.init.fresh_tensors
         );
+        let data = Data::load(cfg, &pipeline)?;
+        let started = Instant::now();
+        let cache = TeacherCache::new(&pipeline, &data.texts(), cfg.batch_size)?;
+        eprintln!(
+            "teacher embeddings of {} distinct texts in {:.1}s",
+            cache.rows.len(),
+            started.elapsed().as_secs_f64()
+        );
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        std::fs::write(
+            out.join(DISTILL_CONFIG_FILE),
+            serde_json::to_vec_pretty(cfg)?,
+        )?;
+        let stages = Stages {
+            vars: student.vars(),
+            adam: AdamConfig {
+                weight_decay: cfg.weight_decay,
+                ..AdamConfig::default()
+            },
+            metrics: Metrics::create(&out.join(METRICS_FILE))?,
+            progress,
+        };
+        Ok(Self {
+            cfg,
+            files,
+            pipeline,
+            student,
+            teacher_text_parameters,
+            data,
+            cache,
+            stages,
+        })
     }
-    let mut stages = Stages {
-        vars: student.vars(),
-        adam: AdamConfig {
-            weight_decay: cfg.weight_decay,
-            ..AdamConfig::default()
-        },
-        metrics,
-        progress,
-    };
-    let tokens = |texts: &[String]| -> anyhow::Result<Tensor> {
-        Ok(pipeline.tokenizer.encode_batch(texts)?.to_tensor(&device)?)
-    };
 
-    // Stage 1: feature distillation.
-    let s1 = if cfg.stage1_steps > 0 {
-        let mut batches = Batches::new(
-            stage1.len(),
-            cfg.batch_size.min(stage1.len()),
-            cfg.seed,
-            None,
-        )
-        .context("stage 1 needs at least 2 distinct texts")?;
+    /// The teacher's own figures on the held-out texts.
+    fn teacher_val(&self) -> anyhow::Result<Option<ValReport>> {
+        let Some(v) = &self.data.val else {
+            return Ok(None);
+        };
+        Some(v.report(&self.cache.get(&v.texts, &Device::Cpu)?, &self.cache)).transpose()
+    }
+
+    /// The student's figures on the held-out texts after `stage` (0: before
+    /// training), written to the metrics and said on stderr.
+    fn val_after(&mut self, stage: u8) -> anyhow::Result<Option<ValReport>> {
+        let Some(v) = &self.data.val else {
+            return Ok(None);
+        };
+        let tokenizer = &self.pipeline.tokenizer;
+        let emb = self
+            .student
+            .embed_texts_detached(tokenizer, &v.texts, self.cfg.batch_size)?;
+        let r = v.report(&emb, &self.cache)?;
+        let step = match stage {
+            0 => 0,
+            1 => self.cfg.stage1_steps,
+            _ => self.cfg.stage2_steps,
+        };
+        let line = serde_json::json!({"stage": stage, "step": step, "val": r});
+        self.stages.metrics.write(line)?;
+        match stage {
+            0 => eprintln!(
+                "before: cosine to the teacher {:.4} on {} held-out captions",
+                r.mean_cosine_to_teacher, r.texts
+            ),
+            _ => eprintln!(
+                "after stage {stage}: cosine to the teacher {:.4}",
+                r.mean_cosine_to_teacher
+            ),
+        }
+        Ok(Some(r))
+    }
+
+    /// Stage 1, feature distillation: `1 - cos` to the teacher's embeddings
+    /// of stage 1's texts.
+    fn stage1(&mut self) -> anyhow::Result<StageReport> {
+        let cfg = self.cfg;
+        if cfg.stage1_steps == 0 {
+            return Ok(StageReport::default());
+        }
+        let texts = &self.data.stage1;
+        let mut batches =
+            Batches::new(texts.len(), cfg.batch_size.min(texts.len()), cfg.seed, None)
+                .context("stage 1 needs at least 2 distinct texts")?;
         let sched = Schedule {
             lr: cfg.lr,
             min_lr: cfg.min_lr,
             warmup: cfg.warmup_steps.min(cfg.stage1_steps / 2),
             max_steps: cfg.stage1_steps,
         };
-        stages.run(1, sched, "--lr", |step| {
-            let texts: Vec<String> = batches
+        let (student, cache) = (&self.student, &self.cache);
+        let tokenizer = &self.pipeline.tokenizer;
+        self.stages.run(1, sched, "--lr", |step| {
+            let batch: Vec<String> = batches
                 .indices(step)
                 .iter()
-                .map(|&i| stage1[i].clone())
+                .map(|&i| texts[i].clone())
                 .collect();
-            let target = cache.get(&texts, &device)?;
-            let loss = cosine_loss(&student.embed(&tokens(&texts)?)?, &target)?;
-            Ok((loss, texts.len()))
-        })?
-    } else {
-        StageReport::skipped()
-    };
-    let val_after_stage1 = run_val(&student)?;
-    if let Some(r) = &val_after_stage1 {
-        stages
-            .metrics
-            .write(serde_json::json!({"stage": 1, "step": cfg.stage1_steps, "val": r}))?;
-        eprintln!(
-            "after stage 1: cosine to the teacher {:.4}",
-            r.mean_cosine_to_teacher
-        );
+            let target = cache.get(&batch, &student.device)?;
+            let loss = cosine_loss(&student.embed_texts(tokenizer, &batch)?, &target)?;
+            Ok((loss, batch.len()))
+        })
     }
 
-    // Stage 2: contrastive alignment with the frozen image features.
-    let stage2_samples = set.as_ref().map_or(0, FeatureSet::len);
-    let s2 = match set.as_ref().filter(|_| cfg.stage2_steps > 0) {
-        Some(set) => {
-            let mut batches = Batches::new(set.len(), cfg.batch_size, mix(cfg.seed, 2), None)?;
-            let sched = Schedule {
-                lr: cfg.stage2_lr,
-                min_lr: cfg.min_lr.min(cfg.stage2_lr),
-                warmup: cfg.warmup_steps.min(cfg.stage2_steps / 2),
-                max_steps: cfg.stage2_steps,
-            };
-            let scale = pipeline
-                .clip
-                .logit_scale
-                .to_dtype(DType::F32)?
-                .to_device(&device)?;
-            stages.run(2, sched, "--stage2-lr", |step| {
-                let idx = batches.indices(step);
-                let texts = batches.captions(set, &idx, step);
-                let images = set.rows(&idx, &device)?;
-                let emb = student.embed(&tokens(&texts)?)?;
-                let mut loss = clip_loss(&images, &emb, &scale)?;
-                if cfg.distill_weight > 0.0 {
-                    let target = cache.get(&texts, &device)?;
-                    loss = (loss + (cosine_loss(&emb, &target)? * cfg.distill_weight)?)?;
-                }
-                Ok((loss, texts.len()))
-            })?
-        }
-        None => StageReport::skipped(),
-    };
-    let val_after_stage2 = if cfg.stage2_steps > 0 {
-        let r = run_val(&student)?;
-        if let Some(r) = &r {
-            stages
-                .metrics
-                .write(serde_json::json!({"stage": 2, "step": cfg.stage2_steps, "val": r}))?;
-            eprintln!(
-                "after stage 2: cosine to the teacher {:.4}",
-                r.mean_cosine_to_teacher
-            );
-        }
-        r
-    } else {
-        None
+    /// Stage 2, alignment: CLIP's loss against the image features at the
+    /// teacher's logit scale, plus `--distill-weight` times stage 1's loss.
+    fn stage2(&mut self) -> anyhow::Result<StageReport> {
+        let cfg = self.cfg;
+        let Some(set) = self.data.set.as_ref().filter(|_| cfg.stage2_steps > 0) else {
+            return Ok(StageReport::default());
+        };
+        let mut batches = Batches::new(set.len(), cfg.batch_size, mix(cfg.seed, 2), None)?;
+        let sched = Schedule {
+            lr: cfg.stage2_lr,
+            min_lr: cfg.min_lr.min(cfg.stage2_lr),
+            warmup: cfg.warmup_steps.min(cfg.stage2_steps / 2),
+            max_steps: cfg.stage2_steps,
+        };
+        let (student, cache) = (&self.student, &self.cache);
+        let tokenizer = &self.pipeline.tokenizer;
+        let device = &student.device;
+        let scale = self
+            .pipeline
+            .clip
+            .logit_scale
+            .to_dtype(DType::F32)?
+            .to_device(device)?;
+        self.stages.run(2, sched, "--stage2-lr", |step| {
+            let idx = batches.indices(step);
+            let texts = batches.captions(set, &idx, step);
+            let images = set.rows(&idx, device)?;
+            let emb = student.embed_texts(tokenizer, &texts)?;
+            let mut loss = clip_loss(&images, &emb, &scale)?;
+            if cfg.distill_weight > 0.0 {
+                let target = cache.get(&texts, device)?;
+                loss = (loss + (cosine_loss(&emb, &target)? * cfg.distill_weight)?)?;
+            }
+            Ok((loss, texts.len()))
+        })
+    }
+}
+
+/// Runs both stages and writes the student into `out`.
+pub fn distill(cfg: &DistillConfig, out: &Path, progress: bool) -> anyhow::Result<DistillReport> {
+    check_settings(cfg, out)?;
+    let mut d = Distillation::set_up(cfg, out, progress)?;
+    let teacher_val = d.teacher_val()?;
+    let val_before = d.val_after(0)?;
+    let stage1 = d.stage1()?;
+    let val_after_stage1 = d.val_after(1)?;
+    let stage2 = d.stage2()?;
+    let val_after_stage2 = match cfg.stage2_steps {
+        0 => None,
+        _ => d.val_after(2)?,
     };
 
-    write_student(&files, &student, out)?;
+    write_student(&d.files, &d.student, out)?;
     let student_files = capivara::resolve::resolve(&out.to_string_lossy())?.files;
     let report = DistillReport {
-        teacher_text_parameters,
-        student_text_parameters: student.parameters(),
-        teacher_layers: student.teacher_layers.clone(),
-        init: student.init.clone(),
-        stage1_texts: stage1.len(),
-        stage2_samples,
-        stage1: s1,
-        stage2: s2,
+        teacher_text_parameters: d.teacher_text_parameters,
+        student_text_parameters: d.student.parameters(),
+        teacher_layers: d.student.teacher_layers.clone(),
+        init: d.student.init.clone(),
+        stage1_texts: d.data.stage1.len(),
+        stage2_samples: d.data.set.as_ref().map_or(0, FeatureSet::len),
+        stage1,
+        stage2,
         teacher_val,
         val_before,
         val_after_stage1,
         val_after_stage2,
-        bytes_teacher: model_bytes(&files),
+        bytes_teacher: model_bytes(&d.files),
         bytes_student: model_bytes(&student_files),
         out: out.to_path_buf(),
     };
     std::fs::write(out.join(DISTILL_FILE), serde_json::to_vec_pretty(&report)?)?;
     Ok(report)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn teacher(layers: usize) -> Value {
-        serde_json::json!({
-            "vocab_size": 10, "hidden_size": 48, "num_hidden_layers": layers,
-            "num_attention_heads": 4, "intermediate_size": 96,
-            "max_position_embeddings": 32, "pad_token_id": 1
-        })
-    }
-
-    fn sc(json: &str) -> StudentConfig {
-        serde_json::from_str(json).unwrap()
-    }
-
-    #[test]
-    fn student_config_resolves_and_rejects_bad_shapes() {
-        let (json, cfg, layers) = sc(r#"{"num_hidden_layers": 4}"#)
-            .resolve(&teacher(12))
-            .unwrap();
-        assert_eq!(layers, [0, 4, 7, 11]);
-        assert_eq!(cfg.num_hidden_layers, 4);
-        assert_eq!(cfg.hidden_size, 48);
-        assert_eq!(json["num_hidden_layers"], 4);
-        assert_eq!(json["vocab_size"], 10);
-        let (_, _, l) = sc(r#"{"num_hidden_layers": 1}"#)
-            .resolve(&teacher(12))
-            .unwrap();
-        assert_eq!(l, [11]);
-        let (_, cfg, l) = sc(
-            r#"{"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2,
-                "intermediate_size": 64, "teacher_layers": [1, 0]}"#,
-        )
-        .resolve(&teacher(2))
-        .unwrap();
-        assert_eq!(
-            (
-                cfg.hidden_size,
-                cfg.num_attention_heads,
-                cfg.intermediate_size
-            ),
-            (32, 2, 64)
-        );
-        assert_eq!(l, [1, 0]);
-        for bad in [
-            r#"{"num_hidden_layers": 0}"#,
-            r#"{"num_hidden_layers": 2, "hidden_size": 30, "num_attention_heads": 4}"#,
-            r#"{"num_hidden_layers": 2, "teacher_layers": [0]}"#,
-            r#"{"num_hidden_layers": 1, "teacher_layers": [2]}"#,
-        ] {
-            assert!(sc(bad).resolve(&teacher(2)).is_err(), "{bad}");
-        }
-        assert!(serde_json::from_str::<StudentConfig>(r#"{"num_hidden_layer": 2}"#).is_err());
-    }
-
-    #[test]
-    fn student_layers_map_to_teacher_layers() {
-        let l = [3, 7];
-        assert_eq!(
-            teacher_name(
-                "text.transformer.encoder.layer.1.attention.self.query.weight",
-                &l
-            ),
-            "text.transformer.encoder.layer.7.attention.self.query.weight"
-        );
-        assert_eq!(
-            teacher_name("text.transformer.embeddings.word_embeddings.weight", &l),
-            "text.transformer.embeddings.word_embeddings.weight"
-        );
-        assert_eq!(teacher_name("text.proj.0.weight", &l), "text.proj.0.weight");
-    }
-
-    #[test]
-    fn fresh_tensors_follow_the_xlmr_initialiser() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        let w = fresh_tensor("x.dense.weight", &[200, 100], &mut rng).unwrap();
-        let v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let mean = v.iter().sum::<f32>() / v.len() as f32;
-        let std = (v.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / v.len() as f32).sqrt();
-        assert!(
-            mean.abs() < 1e-3 && (std - 0.02).abs() < 1e-3,
-            "{mean} {std}"
-        );
-        let g = fresh_tensor("a.LayerNorm.weight", &[4], &mut rng).unwrap();
-        assert_eq!(g.to_vec1::<f32>().unwrap(), [1.0; 4]);
-        let b = fresh_tensor("a.dense.bias", &[3], &mut rng).unwrap();
-        assert_eq!(b.to_vec1::<f32>().unwrap(), [0.0; 3]);
-    }
 }

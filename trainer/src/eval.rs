@@ -14,6 +14,9 @@ use candle_core::{Device, Tensor};
 use capivara::Pipeline;
 use serde::Serialize;
 
+use crate::data::eval_captions;
+use crate::dataset::FeatureSet;
+
 /// Recall at 1, 5 and 10.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Recall {
@@ -251,48 +254,78 @@ pub fn embed_distinct(
     Ok(emb.index_select(&idx, 0)?)
 }
 
-/// Embeds texts with a loaded pipeline in chunks of `chunk` (CPU tensor).
+/// Embeds every text with a loaded pipeline in chunks of `chunk` (CPU tensor).
+fn embed_chunks(pipeline: &Pipeline, texts: &[String], chunk: usize) -> anyhow::Result<Tensor> {
+    let mut rows = Vec::new();
+    for c in texts.chunks(chunk.max(1)) {
+        rows.push(pipeline.embed_texts(c)?.to_device(&Device::Cpu)?);
+    }
+    Ok(Tensor::cat(&rows, 0)?)
+}
+
+/// Embeds texts with a loaded pipeline in chunks of `chunk`, each distinct
+/// text once (CPU tensor).
 pub(crate) fn embed_texts(
     pipeline: &Pipeline,
     texts: &[String],
     chunk: usize,
 ) -> anyhow::Result<Tensor> {
-    embed_distinct(texts, |distinct| {
-        let mut rows = Vec::new();
-        for c in distinct.chunks(chunk.max(1)) {
-            rows.push(pipeline.embed_texts(c)?.to_device(&Device::Cpu)?);
-        }
-        Ok(Tensor::cat(&rows, 0)?)
-    })
+    embed_distinct(texts, |distinct| embed_chunks(pipeline, distinct, chunk))
 }
 
 /// A held-out retrieval set: image embeddings, every caption and its image.
-pub struct ShardSet {
+pub struct RetrievalSet {
     pub images: Tensor,
     pub texts: Vec<String>,
+    /// The image row of each text.
     pub owner: Vec<usize>,
-    /// Samples left out (unreadable, no caption, undecodable image).
-    pub skipped: usize,
+}
+
+impl RetrievalSet {
+    /// Every original caption (or, for a sample with none, its generated
+    /// ones) against the cached image embeddings.
+    pub fn from_features(set: &FeatureSet) -> anyhow::Result<Self> {
+        let mut texts = Vec::new();
+        let mut owner = Vec::new();
+        for (i, it) in set.items.iter().enumerate() {
+            for c in eval_captions(&it.captions, &it.generated) {
+                texts.push(c.clone());
+                owner.push(i);
+            }
+        }
+        anyhow::ensure!(!texts.is_empty(), "the validation set is empty");
+        Ok(Self {
+            images: set.all_rows()?,
+            texts,
+            owner,
+        })
+    }
+
+    /// Retrieval recall of the texts as `embed` embeds them (each distinct
+    /// text once, see [`embed_distinct`]).
+    pub fn evaluate(
+        &self,
+        embed: impl FnMut(&[String]) -> anyhow::Result<Tensor>,
+    ) -> anyhow::Result<RetrievalReport> {
+        let texts = embed_distinct(&self.texts, embed)?;
+        retrieval(&self.images, &texts, &self.owner)
+    }
 }
 
 /// Every sample's original captions (its generated ones when it has none)
-/// against its image. Image embeddings come from `features` when given (as
-/// written by `features`), else from the model.
+/// against its image, and how many samples were left out (unreadable, no
+/// caption, undecodable image). Image embeddings come from `features` when
+/// given (as written by `features`), else from the model.
 pub fn shard_set(
     pipeline: &Pipeline,
     shards: &[PathBuf],
     features: Option<&Path>,
     chunk: usize,
-) -> anyhow::Result<ShardSet> {
+) -> anyhow::Result<(RetrievalSet, usize)> {
     if let Some(dir) = features {
-        let set = crate::dataset::FeatureSet::load(shards, dir)?;
-        let v = crate::fit::ValSet::new(&set)?;
-        return Ok(ShardSet {
-            images: v.images,
-            texts: v.texts,
-            owner: v.owner,
-            skipped: set.skipped.total() + set.without_features,
-        });
+        let set = FeatureSet::load(shards, dir)?;
+        let skipped = set.skipped.total() + set.without_features;
+        return Ok((RetrievalSet::from_features(&set)?, skipped));
     }
     let mut samples = Vec::new();
     let mut skipped = 0;
@@ -313,17 +346,17 @@ pub fn shard_set(
         .filter(|(i, _)| !bad.contains(i))
         .map(|(_, s)| s);
     for (row, s) in good.enumerate() {
-        for c in crate::data::eval_captions(&s.captions, &s.generated) {
+        for c in eval_captions(&s.captions, &s.generated) {
             texts.push(c.clone());
             owner.push(row);
         }
     }
-    Ok(ShardSet {
+    let set = RetrievalSet {
         images,
         texts,
         owner,
-        skipped,
-    })
+    };
+    Ok((set, skipped))
 }
 
 /// Retrieval on webdataset shards (see [`shard_set`]).
@@ -333,9 +366,8 @@ pub fn eval_shards(
     features: Option<&Path>,
     chunk: usize,
 ) -> anyhow::Result<(RetrievalReport, usize)> {
-    let set = shard_set(pipeline, shards, features, chunk)?;
-    let t = embed_texts(pipeline, &set.texts, chunk)?;
-    Ok((retrieval(&set.images, &t, &set.owner)?, set.skipped))
+    let (set, skipped) = shard_set(pipeline, shards, features, chunk)?;
+    Ok((set.evaluate(|d| embed_chunks(pipeline, d, chunk))?, skipped))
 }
 
 /// A zero-shot set embedded by one model.
@@ -537,10 +569,9 @@ pub fn compare(
         let retrieval_report = if data.shards.is_empty() {
             None
         } else {
-            let set = shard_set(p, data.shards, data.features, data.chunk)?;
-            let t = embed_texts(p, &set.texts, data.chunk)?;
+            let (set, _) = shard_set(p, data.shards, data.features, data.chunk)?;
             texts.extend(set.texts.iter().cloned());
-            Some(retrieval(&set.images, &t, &set.owner)?)
+            Some(set.evaluate(|d| embed_chunks(p, d, data.chunk))?)
         };
         let zs = match data.zero_shot {
             Some((dir, labels, templates)) => {
@@ -556,7 +587,7 @@ pub fn compare(
             model: p.files.model.clone(),
             parameters,
             text_parameters,
-            bytes_on_disk: crate::distill::model_bytes(&p.files),
+            bytes_on_disk: crate::run::model_bytes(&p.files),
             texts_per_second: texts_per_second(p, &texts, data.chunk)?,
             retrieval: retrieval_report,
             zero_shot: zs,

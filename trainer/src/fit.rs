@@ -1,34 +1,26 @@
 //! `fit`: CAPIVARA's LiT + LoRA training loop on cached image features.
 //!
-//! A run directory holds `fit.json` (the settings), `adapter.json` (what
-//! `merge` needs), `metrics.jsonl` (one JSON object per step and per
-//! validation), `checkpoints/step-NNNNNNNN/` (trainable tensors, optimizer
-//! moments, `state.json`; written to a temporary name and renamed) and, at the
-//! end, `lora.safetensors`. `--resume` continues from the latest checkpoint
-//! and reproduces the uninterrupted run: batches, caption draws and dropout
-//! masks are functions of (seed, step).
+//! It writes a run directory (see [`crate::run`]). `--resume` continues from
+//! the latest checkpoint and reproduces the uninterrupted run: batches,
+//! caption draws and dropout masks are functions of (seed, step).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{DType, Device, Tensor};
+use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
 use crate::dataset::{expand_all, mix, Batches, FeatureSet};
-use crate::eval::{retrieval, RetrievalReport};
+use crate::eval::{RetrievalReport, RetrievalSet};
 use crate::loss::grad_cache;
-use crate::merge::{ADAPTER_FILE, LORA_FILE};
 use crate::model::{TrainModel, TrainSpec};
 use crate::optim::{Adam, AdamConfig, Schedule};
-
-/// The trainable tensors inside a checkpoint directory.
-pub const TRAINABLE_FILE: &str = "trainable.safetensors";
-const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-const STATE_FILE: &str = "state.json";
-const FIT_FILE: &str = "fit.json";
-const METRICS_FILE: &str = "metrics.jsonl";
+use crate::run::{
+    checkpoint_step, checkpoints, latest_checkpoint, peak_rss_bytes, progress_bar, save_checkpoint,
+    write_atomic, Metrics, ADAPTER_FILE, FIT_FILE, LORA_FILE, METRICS_FILE, OPTIMIZER_FILE,
+    TRAINABLE_FILE,
+};
 
 /// Everything `fit` is told.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -107,165 +99,16 @@ pub struct FitSummary {
     pub out: PathBuf,
 }
 
-/// Parses `f32`, `f16`, `bf16`.
-pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
-    match s {
-        "f32" => Ok(DType::F32),
-        "f16" => Ok(DType::F16),
-        "bf16" => Ok(DType::BF16),
-        _ => anyhow::bail!("unknown dtype `{s}` (f32, f16, bf16)"),
-    }
-}
-
-/// The process's peak resident set size (Linux `VmHWM`).
-pub fn peak_rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-fn checkpoint_dir(out: &Path, step: usize) -> PathBuf {
-    out.join("checkpoints").join(format!("step-{step:08}"))
-}
-
-/// The complete checkpoints of a run, oldest first.
-pub fn checkpoints(out: &Path) -> anyhow::Result<Vec<(usize, PathBuf)>> {
-    let dir = out.join("checkpoints");
-    if !dir.is_dir() {
-        return Ok(vec![]);
-    }
-    let mut v = Vec::new();
-    for e in std::fs::read_dir(&dir)? {
-        let e = e?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(n) = name.strip_prefix("step-").and_then(|n| n.parse().ok()) {
-            if e.path().join(STATE_FILE).is_file() {
-                v.push((n, e.path()));
-            }
-        }
-    }
-    v.sort();
-    Ok(v)
-}
-
-/// The latest complete checkpoint of a run.
-pub fn latest_checkpoint(out: &Path) -> anyhow::Result<Option<PathBuf>> {
-    Ok(checkpoints(out)?.pop().map(|c| c.1))
-}
-
-#[derive(Serialize, Deserialize)]
-struct State {
-    step: usize,
-}
-
-/// Writes `f` to `path` through a temporary file and a rename.
-fn write_atomic(path: &Path, f: impl FnOnce(&Path) -> anyhow::Result<()>) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    f(&tmp)?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
-}
-
-fn save_checkpoint(
-    out: &Path,
-    step: usize,
-    model: &TrainModel,
-    opt: &Adam,
-    keep: usize,
-) -> anyhow::Result<()> {
-    let dest = checkpoint_dir(out, step);
-    let tmp = out.join("checkpoints").join(format!(".step-{step:08}.tmp"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp)?;
-    model.save_trainable(&tmp.join(TRAINABLE_FILE))?;
-    opt.save(&tmp.join(OPTIMIZER_FILE))?;
-    std::fs::write(tmp.join(STATE_FILE), serde_json::to_vec(&State { step })?)?;
-    if dest.exists() {
-        std::fs::remove_dir_all(&dest)?;
-    }
-    std::fs::rename(&tmp, &dest)?;
-    let all = checkpoints(out)?;
-    if all.len() > keep.max(1) {
-        for (_, p) in &all[..all.len() - keep.max(1)] {
-            std::fs::remove_dir_all(p)?;
-        }
-    }
-    Ok(())
-}
-
-/// A held-out set for validation: every original caption (or, for a sample
-/// with none, its generated ones) against the cached image embeddings.
-pub struct ValSet {
-    pub images: Tensor,
-    pub texts: Vec<String>,
-    pub owner: Vec<usize>,
-}
-
-impl ValSet {
-    pub fn new(set: &FeatureSet) -> anyhow::Result<Self> {
-        let mut texts = Vec::new();
-        let mut owner = Vec::new();
-        for (i, it) in set.items.iter().enumerate() {
-            for c in crate::data::eval_captions(&it.captions, &it.generated) {
-                texts.push(c.clone());
-                owner.push(i);
-            }
-        }
-        anyhow::ensure!(!texts.is_empty(), "the validation set is empty");
-        Ok(Self {
-            images: set.all_rows()?,
-            texts,
-            owner,
-        })
-    }
-
-    /// Retrieval recall of the model as it is now (dropout off).
-    pub fn evaluate(
-        &self,
-        model: &mut TrainModel,
-        chunk: usize,
-    ) -> anyhow::Result<RetrievalReport> {
-        model.clip.text.set_training(false);
-        let texts =
-            crate::eval::embed_distinct(&self.texts, |d| model.embed_texts_detached(d, chunk));
-        model.clip.text.set_training(model.spec.dropout > 0.0);
-        retrieval(&self.images, &texts?, &self.owner)
-    }
-}
-
-/// A `metrics.jsonl` file: one JSON object per line, flushed as written.
-pub(crate) struct Metrics(pub(crate) std::fs::File);
-
-impl Metrics {
-    pub(crate) fn write(&mut self, v: serde_json::Value) -> anyhow::Result<()> {
-        writeln!(self.0, "{v}")?;
-        self.0.flush()?;
-        Ok(())
-    }
-}
-
-/// A progress bar of `len` steps (hidden unless `show`), prefixed by `label`.
-pub(crate) fn progress_bar(len: usize, show: bool, label: &str) -> indicatif::ProgressBar {
-    let bar = if show {
-        indicatif::ProgressBar::new(len as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    let label = if label.is_empty() {
-        String::new()
-    } else {
-        format!("{label} ")
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(&format!(
-            "{label}{{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {{msg}}"
-        ))
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar
+/// Retrieval recall of the model as it is now on `val` (dropout off).
+fn val_recall(
+    val: &RetrievalSet,
+    model: &mut TrainModel,
+    chunk: usize,
+) -> anyhow::Result<RetrievalReport> {
+    model.clip.text.set_training(false);
+    let r = val.evaluate(|d| model.embed_texts_detached(d, chunk));
+    model.clip.text.set_training(model.spec.dropout > 0.0);
+    r
 }
 
 /// Runs (or resumes) a training run into `out`.
@@ -289,7 +132,7 @@ pub fn fit(
         "--min-lr must be in [0, --lr]"
     );
     let device = capivara::parse_device(&cfg.device)?;
-    let dtype = parse_dtype(&cfg.dtype)?;
+    let dtype = capivara::parse_dtype(&cfg.dtype)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let fit_file = out.join(FIT_FILE);
     let mut start = 0usize;
@@ -352,15 +195,15 @@ pub fn fit(
     } else {
         let vdir = cfg.val_features.as_ref().unwrap_or(&cfg.features);
         let vs = FeatureSet::load(&expand_all(&cfg.val_shards)?, vdir)?;
-        Some(ValSet::new(&vs)?)
+        Some(RetrievalSet::from_features(&vs)?)
     };
     let mut batches = Batches::new(set.len(), cfg.batch_size, cfg.seed, cfg.generated_captions)?;
     let mut opt = Adam::new(model.vars(), cfg.adam.clone())?;
     if let Some(ck) = &latest {
-        let state: State = serde_json::from_slice(&std::fs::read(ck.join(STATE_FILE))?)?;
+        let step = checkpoint_step(ck)?;
         model.load_trainable(&ck.join(TRAINABLE_FILE))?;
-        opt.load(&ck.join(OPTIMIZER_FILE), state.step)?;
-        start = state.step;
+        opt.load(&ck.join(OPTIMIZER_FILE), step)?;
+        start = step;
         eprintln!("resuming from {} (step {start})", ck.display());
     } else if resume {
         eprintln!(
@@ -368,16 +211,11 @@ pub fn fit(
             out.display()
         );
     }
-    let mut metrics = Metrics(
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(out.join(METRICS_FILE))?,
-    );
+    let mut metrics = Metrics::append(&out.join(METRICS_FILE))?;
     let chunk = cfg.micro_batch;
     let val_before = match &val {
         Some(v) if start == 0 => {
-            let r = v.evaluate(&mut model, chunk)?;
+            let r = val_recall(v, &mut model, chunk)?;
             metrics.write(serde_json::json!({"step": 0, "val": r}))?;
             eprintln!("step 0: validation mean recall {:.4}", r.mean_recall);
             Some(r)
@@ -458,7 +296,7 @@ pub fn fit(
             None => false,
         };
         if validate {
-            let r = val.as_ref().expect("checked").evaluate(&mut model, chunk)?;
+            let r = val_recall(val.as_ref().expect("checked"), &mut model, chunk)?;
             metrics.write(serde_json::json!({"step": done, "val": r}))?;
             bar.suspend(|| eprintln!("step {done}: validation mean recall {:.4}", r.mean_recall));
             if done == max {
@@ -466,7 +304,10 @@ pub fn fit(
             }
         }
         if done == max || (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0) {
-            save_checkpoint(out, done, &model, &opt, cfg.keep_checkpoints)?;
+            save_checkpoint(out, done, cfg.keep_checkpoints, |dir| {
+                model.save_trainable(&dir.join(TRAINABLE_FILE))?;
+                opt.save(&dir.join(OPTIMIZER_FILE))
+            })?;
         }
     }
     bar.finish_and_clear();
@@ -499,18 +340,4 @@ pub fn fit(
         }),
         out: out.to_path_buf(),
     })
-}
-
-/// Loads the model of a run with its trained tensors (no merge), for
-/// evaluation and for checking a merge.
-pub fn load_trained(
-    files: capivara::resolve::ModelFiles,
-    run: &Path,
-    device: &Device,
-) -> anyhow::Result<TrainModel> {
-    let rw = crate::merge::read_run(run)?;
-    let mut model = TrainModel::load(files, rw.spec.clone(), device, DType::F32)?;
-    model.load_trainable(&rw.source)?;
-    model.clip.text.set_training(false);
-    Ok(model)
 }

@@ -1,6 +1,7 @@
 //! The symmetric contrastive (InfoNCE) loss of CLIP against cached image
-//! features, and GradCache: the gradient of a batch of thousands computed in
-//! micro-batches with the memory of one micro-batch.
+//! features, distillation's cosine loss, and GradCache: the gradient of a
+//! batch of thousands computed in micro-batches with the memory of one
+//! micro-batch.
 //!
 //! GradCache (Gao et al., 2021): (1) embed every text of the batch without
 //! keeping a graph; (2) take the loss over the whole batch and its gradient
@@ -12,7 +13,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Tensor, Var, D};
 
 use crate::model::TrainModel;
 
@@ -49,6 +50,12 @@ pub fn clip_loss(
     let a = cross_entropy_diag(&logits)?;
     let b = cross_entropy_diag(&logits.t()?)?;
     (a + b)? / 2.0
+}
+
+/// `mean(1 - cos(a_i, b_i))` for row-aligned unit vectors.
+pub fn cosine_loss(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let cos = (a * b)?.sum(D::Minus1)?;
+    (cos.ones_like()? - cos)?.mean_all()
 }
 
 /// The gradients of one step, by variable name.

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use capivara_trainer::{data, dataset, eval, features, fit, merge, model, optim, synth};
+use capivara_trainer::{data, dataset, eval, features, fit, merge, model, optim, run, synth};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
@@ -220,7 +220,7 @@ struct DistillArgs {
 fn run_distill(a: DistillArgs) -> anyhow::Result<serde_json::Value> {
     let cfg = capivara_trainer::distill::DistillConfig {
         teacher: a.teacher,
-        student: capivara_trainer::distill::StudentConfig::from_file(&a.student_config)?,
+        student: capivara_trainer::student::StudentConfig::from_file(&a.student_config)?,
         shards: a.shards,
         texts: a.texts,
         features: a.features,
@@ -478,14 +478,14 @@ fn run_features(
 
 fn run_merge(model: &str, lora: &Path, out: &Path) -> anyhow::Result<serde_json::Value> {
     let files = capivara::resolve::resolve(model)?.files;
-    let run = merge::read_run(lora)?;
+    let trained = run::read_run(lora)?;
     let started = std::time::Instant::now();
-    let n = merge::merge(&files, &run, out)?;
+    let n = merge::merge(&files, &trained, out)?;
     Ok(serde_json::json!({
         "out": out,
         "tensors": n,
-        "trained_tensors": run.tensors.len(),
-        "from": run.source,
+        "trained_tensors": trained.tensors.len(),
+        "from": trained.source,
         "seconds": started.elapsed().as_secs_f64(),
     }))
 }

@@ -9,6 +9,11 @@
 //! corpus therefore gets the same token sequence (renumbered) and bit-for-bit
 //! the same embedding. A word outside the corpus may be segmented differently
 //! (down to `<unk>` for characters never seen).
+//!
+//! Added tokens (the special ones, and those fine-tuning adds with ids past
+//! the Unigram vocabulary and rows of their own at the end of the embedding
+//! matrix) are all kept; those past the vocabulary are renumbered after the
+//! kept pieces, in their order, as the tokenizer numbers them.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -16,9 +21,11 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context};
 use candle_core::{Device, Tensor};
 use capivara::model::Checkpoint;
-use capivara::resolve::{ModelFiles, SAFETENSORS_FILE, TEXT_CONFIG_FILE, TOKENIZER_FILE};
+use capivara::resolve::{ModelFiles, TEXT_CONFIG_FILE, TOKENIZER_FILE};
 use serde::Serialize;
 use serde_json::Value;
+
+use crate::run::{copy_model_files, write_weights};
 
 /// The token-embedding matrix of the text tower, in open_clip names.
 pub const WORD_EMBEDDINGS: &str = "text.transformer.embeddings.word_embeddings.weight";
@@ -38,8 +45,41 @@ pub struct PruneReport {
     pub size_ratio: f64,
 }
 
+/// The id the tokenizer gives each of `tokenizer.json`'s added tokens, in
+/// their order: the id of the Unigram piece with that content, else the next
+/// id past the Unigram vocabulary. That is how the `tokenizers` library
+/// numbers them when it loads the file, whatever `id` the file says, and
+/// fine-tuned tokenizers use it for their new tokens (the embedding matrix
+/// then has a row past the vocabulary for each).
+fn added_token_ids(tok: &Value) -> anyhow::Result<Vec<u32>> {
+    let vocab = tok["model"]["vocab"]
+        .as_array()
+        .context("tokenizer.json has no model.vocab")?;
+    let mut known: HashMap<&str, u32> = HashMap::new();
+    for (i, piece) in vocab.iter().enumerate() {
+        if let Some(p) = piece[0].as_str() {
+            known.entry(p).or_insert(i as u32);
+        }
+    }
+    let mut next = vocab.len() as u32;
+    let mut ids = Vec::new();
+    for t in tok["added_tokens"].as_array().into_iter().flatten() {
+        let content = t["content"]
+            .as_str()
+            .filter(|c| !c.is_empty())
+            .context("tokenizer.json: an added token has no content")?;
+        let id = *known.entry(content).or_insert_with(|| {
+            next += 1;
+            next - 1
+        });
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
 /// The ids (old numbering) the pruned vocabulary keeps, ascending: every
-/// token of the corpus and every special token.
+/// token of the corpus, every added token and the unknown token. The kept
+/// Unigram pieces come first, then the added tokens past the vocabulary.
 fn kept_ids(
     files: &ModelFiles,
     tok: &Value,
@@ -57,14 +97,7 @@ fn kept_ids(
         tokens += ids.len();
         kept.extend(ids);
     }
-    if let Some(added) = tok["added_tokens"].as_array() {
-        kept.extend(
-            added
-                .iter()
-                .filter_map(|t| t["id"].as_u64())
-                .map(|i| i as u32),
-        );
-    }
+    kept.extend(added_token_ids(tok)?);
     if let Some(unk) = tok["model"]["unk_id"].as_u64() {
         kept.insert(unk as u32);
     }
@@ -82,7 +115,8 @@ fn remap(map: &HashMap<u64, u64>, v: &mut Value, what: &str) -> anyhow::Result<(
     Ok(())
 }
 
-/// The pruned `tokenizer.json`.
+/// The pruned `tokenizer.json`: the kept pieces, renumbered from 0, and the
+/// added tokens past the vocabulary right after them.
 fn prune_tokenizer(tok: &Value, kept: &[u32]) -> anyhow::Result<Value> {
     let mut t = tok.clone();
     let vocab = tok["model"]["vocab"]
@@ -95,19 +129,22 @@ fn prune_tokenizer(tok: &Value, kept: &[u32]) -> anyhow::Result<Value> {
         .collect();
     t["model"]["vocab"] = Value::Array(
         kept.iter()
-            .map(|&i| {
-                vocab
-                    .get(i as usize)
-                    .cloned()
-                    .with_context(|| format!("id {i} is past the vocabulary"))
-            })
-            .collect::<anyhow::Result<_>>()?,
+            .filter_map(|&i| vocab.get(i as usize).cloned())
+            .collect(),
     );
     if let Some(unk) = t["model"].get_mut("unk_id") {
         remap(&map, unk, "model.unk_id")?;
     }
+    let added_ids = added_token_ids(tok)?;
+    if let Some(&i) = kept
+        .iter()
+        .find(|&&i| i as usize >= vocab.len() && !added_ids.contains(&i))
+    {
+        bail!("id {i} is past the vocabulary and is no added token's");
+    }
     if let Some(added) = t["added_tokens"].as_array_mut() {
-        for a in added {
+        for (a, old) in added.iter_mut().zip(added_ids) {
+            a["id"] = Value::from(old);
             remap(&map, &mut a["id"], "added_tokens")?;
         }
     }
@@ -162,7 +199,13 @@ pub fn prune_vocab(
         files.tokenizer.display(),
         tok["model"]["type"]
     );
-    let vocab_before = tok["model"]["vocab"].as_array().map_or(0, Vec::len);
+    // Every id the tokenizer can produce: the Unigram pieces, then the added
+    // tokens past them.
+    let pieces = tok["model"]["vocab"].as_array().map_or(0, Vec::len);
+    let vocab_before = added_token_ids(&tok)?
+        .into_iter()
+        .map(|i| i as usize + 1)
+        .fold(pieces, usize::max);
     let (kept, corpus_tokens) = kept_ids(files, &tok, &corpus)?;
     let new_tok = prune_tokenizer(&tok, &kept)?;
 
@@ -176,8 +219,10 @@ pub fn prune_vocab(
         before += t.elem_count();
         let t = if name == WORD_EMBEDDINGS {
             found = true;
+            // More rows than ids (a matrix padded to a round size) are
+            // rows no text can reach: they go with the unused ones.
             ensure!(
-                t.dim(0)? == vocab_before,
+                t.dim(0)? >= vocab_before,
                 "{name} has {} rows but the tokenizer {vocab_before} tokens",
                 t.dim(0)?
             );
@@ -190,11 +235,8 @@ pub fn prune_vocab(
     }
     ensure!(found, "{}: no {WORD_EMBEDDINGS}", files.weights.display());
 
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let tmp = out.join(format!("{SAFETENSORS_FILE}.tmp"));
-    candle_core::safetensors::save(&tensors, &tmp)?;
+    let weights = write_weights(out, &tensors)?;
     drop(tensors);
-    crate::merge::readable_by_all(&tmp)?;
 
     let mut text_cfg: Value = serde_json::from_slice(&std::fs::read(&files.text_config)?)?;
     let map: HashMap<u64, u64> = kept
@@ -213,17 +255,11 @@ pub fn prune_vocab(
         serde_json::to_vec_pretty(&text_cfg)?,
     )?;
     std::fs::write(out.join(TOKENIZER_FILE), serde_json::to_vec(&new_tok)?)?;
-    std::fs::copy(&files.config, out.join(capivara::resolve::CONFIG_FILE))?;
-    if let Some(dir) = files.tokenizer.parent() {
-        // (Not tokenizer_config.json: Python loaders would rebuild the
-        // tokenizer from the original SentencePiece files it may name.)
-        let p = dir.join("special_tokens_map.json");
-        if p.is_file() {
-            std::fs::copy(&p, out.join("special_tokens_map.json"))?;
-        }
-    }
-    let dest = out.join(SAFETENSORS_FILE);
-    std::fs::rename(&tmp, &dest)?;
+    // (Not tokenizer_config.json: Python loaders would rebuild the tokenizer
+    // from the original SentencePiece files it may name.)
+    let written = [TEXT_CONFIG_FILE, TOKENIZER_FILE, "tokenizer_config.json"];
+    copy_model_files(files, out, &written)?;
+    let dest = weights.commit()?;
     let bytes_before = std::fs::metadata(&files.weights)?.len();
     let bytes_after = std::fs::metadata(&dest)?.len();
     Ok(PruneReport {
@@ -237,4 +273,40 @@ pub fn prune_vocab(
         bytes_after,
         size_ratio: bytes_after as f64 / bytes_before as f64,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn added_tokens_are_numbered_as_the_tokenizer_numbers_them() {
+        // `<mask>` is a piece; `<x>` and `<y>` are not (whatever ids the file
+        // says): they follow the vocabulary in their order, `<x>` twice is one.
+        let tok = serde_json::json!({
+            "model": {"type": "Unigram", "unk_id": 1,
+                      "vocab": [["<s>", 0.0], ["<unk>", 0.0], ["a", -1.0], ["<mask>", 0.0]]},
+            "added_tokens": [
+                {"id": 0, "content": "<s>"}, {"id": 3, "content": "<mask>"},
+                {"id": 9, "content": "<x>"}, {"id": 4, "content": "<y>"},
+                {"id": 9, "content": "<x>"}
+            ],
+            "post_processor": {"type": "TemplateProcessing",
+                               "special_tokens": {"<y>": {"ids": [5]}}}
+        });
+        assert_eq!(added_token_ids(&tok).unwrap(), [0, 3, 4, 5, 4]);
+        // "a" (2) goes: the rest shift down, the added tokens follow the pieces.
+        let t = prune_tokenizer(&tok, &[0, 1, 3, 4, 5]).unwrap();
+        assert_eq!(t["model"]["vocab"].as_array().unwrap().len(), 3);
+        let ids: Vec<u64> = t["added_tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ids, [0, 2, 3, 4, 3]);
+        assert_eq!(t["post_processor"]["special_tokens"]["<y>"]["ids"][0], 4);
+        // An id past the vocabulary that no added token has is an error.
+        assert!(prune_tokenizer(&tok, &[0, 1, 6]).is_err());
+    }
 }

@@ -158,6 +158,19 @@ fn append(b: &mut tar::Builder<std::fs::File>, name: &str, data: &[u8]) -> std::
     b.append_data(&mut h, name, data)
 }
 
+/// Writes a tar file of `files` (name, contents), in order: a shard as
+/// webdataset reads it.
+pub fn write_tar<N: AsRef<str>, D: AsRef<[u8]>>(
+    path: &Path,
+    files: &[(N, D)],
+) -> std::io::Result<()> {
+    let mut b = tar::Builder::new(std::fs::File::create(path)?);
+    for (name, data) in files {
+        append(&mut b, name.as_ref(), data.as_ref())?;
+    }
+    b.finish()
+}
+
 /// Writes `shards` shards of `per_shard` samples each into `out`
 /// (`00000.tar`, ...), classes drawn uniformly. Returns the shard paths.
 pub fn write_shards(

@@ -8,45 +8,12 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use capivara::Pipeline;
-use capivara_trainer::distill::{cosine_loss, Student, StudentConfig};
+use capivara_trainer::loss::cosine_loss;
+use capivara_trainer::student::{Student, StudentConfig};
 use serde_json::Value;
 
 mod common;
-use common::{fails, ok, s, tiny};
-
-/// Stage 1's extra texts (Portuguese, some English).
-const TEXTS: &[&str] = &[
-    "uma foto de um gato dormindo no sofá",
-    "um cachorro correndo na praia",
-    "uma capivara perto do rio",
-    "duas crianças jogando futebol na rua",
-    "um prato de feijoada com arroz e farofa",
-    "o pôr do sol visto do alto do morro",
-    "uma bicicleta vermelha encostada no muro",
-    "pessoas caminhando no parque em um dia de sol",
-    "um carro azul parado na frente da casa",
-    "uma mulher lendo um livro no jardim",
-    "um homem andando de bicicleta na cidade",
-    "dois cachorros brincando na grama verde",
-    "uma árvore grande ao lado do rio",
-    "um barco no mar ao pôr do sol",
-    "uma menina com um balão vermelho",
-    "um gato preto em cima do muro",
-    "crianças nadando no rio em um dia quente",
-    "uma casa amarela com janelas azuis",
-    "um pássaro azul em um galho",
-    "uma praia cheia de pessoas no verão",
-    "um ônibus passando na rua molhada",
-    "uma xícara de café em cima da mesa",
-    "um cavalo correndo no campo",
-    "uma mulher segurando um guarda-chuva na chuva",
-    "um homem cozinhando na cozinha",
-    "a photo of a dog running on the beach",
-    "a cat sleeping on the sofa",
-    "a red bicycle leaning against the wall",
-    "people walking in the park on a sunny day",
-    "a blue car parked in front of the house",
-];
+use common::{fails, max_abs, max_diff, ok, s, served_text_embeddings, tiny, CAPTIONS};
 
 /// Held out: never seen in training.
 const HELD_OUT: &[&str] = &[
@@ -124,7 +91,7 @@ fn data() -> Data {
         "--out",
         &d.p("vfeats"),
     ]);
-    std::fs::write(d.root.join("texts.txt"), TEXTS.join("\n")).unwrap();
+    std::fs::write(d.root.join("texts.txt"), CAPTIONS.join("\n")).unwrap();
     std::fs::write(d.root.join("held_out.txt"), HELD_OUT.join("\n")).unwrap();
     d
 }
@@ -223,38 +190,11 @@ fn students_learn_the_teacher_and_serve() {
     let img = std::fs::read(tiny().join("../images/gray.png")).unwrap();
     let ti = teacher.embed_images(&[&img]).unwrap();
     let si = sp.embed_images(&[&img]).unwrap();
-    let diff = (ti - si)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert_eq!(diff, 0.0);
+    assert_eq!(max_diff(&ti, &si), 0.0);
 
     // ... and `capivara serve` serves it.
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let data_dir = tempfile::tempdir().unwrap();
-    let cfg = capivara::server::ServeConfig::new(
-        s(&dir),
-        "127.0.0.1:0".parse().unwrap(),
-        data_dir.path(),
-    );
-    let (server, loaded) = rt.block_on(capivara::server::start(cfg)).unwrap();
-    rt.block_on(loaded).unwrap().unwrap();
-    let url = format!("http://{}/embed/text", server.addr);
-    let body: Value = ureq::post(&url)
-        .send_json(serde_json::json!({"texts": held_out()}))
-        .unwrap()
-        .body_mut()
-        .read_json()
-        .unwrap();
-    let served: Vec<Vec<f32>> = serde_json::from_value(body["embeddings"].clone()).unwrap();
-    let served = Tensor::new(served, &Device::Cpu).unwrap();
-    let diff = (&served - &got).unwrap().abs().unwrap().max_all().unwrap();
-    assert!(diff.to_scalar::<f32>().unwrap() <= 1e-5);
-    rt.block_on(server.shutdown()).unwrap();
+    let served = served_text_embeddings(&dir, &held_out());
+    assert!(max_diff(&served, &got) <= 1e-5);
 
     // Shallower (1 of 2 layers, from teacher layer 1): starts from the teacher.
     let short = distill(&d, r#"{"num_hidden_layers": 1}"#, "short");
@@ -326,29 +266,16 @@ fn every_student_tensor_gets_a_gradient() {
         let sc: StudentConfig = serde_json::from_str(cfg).unwrap();
         let student = Student::new(&files, &sc, &Device::Cpu, 3).unwrap();
         let texts = held_out();
-        let ids = teacher
-            .tokenizer
-            .encode_batch(&texts)
-            .unwrap()
-            .to_tensor(&Device::Cpu)
-            .unwrap();
         let target = teacher.embed_texts(&texts).unwrap();
-        let loss = cosine_loss(&student.embed(&ids).unwrap(), &target).unwrap();
-        let grads = loss.backward().unwrap();
+        let emb = student.embed_texts(&teacher.tokenizer, &texts).unwrap();
+        let grads = cosine_loss(&emb, &target).unwrap().backward().unwrap();
         let vars = student.vars();
         assert!(vars.len() >= 20);
         for (name, var) in vars {
             let g = grads
                 .get(var.as_tensor())
                 .unwrap_or_else(|| panic!("{cfg}: no gradient for {name}"));
-            let n = g
-                .abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(n > 0.0, "{cfg}: zero gradient for {name}");
+            assert!(max_abs(g) > 0.0, "{cfg}: zero gradient for {name}");
         }
     }
 }

@@ -9,7 +9,7 @@ use capivara::model::Checkpoint;
 use serde_json::Value;
 
 mod common;
-use common::{cli, ok, s, tiny};
+use common::{cli, max_diff, ok, s, served_text_embeddings, tiny};
 
 /// Shards, features and a zero-shot folder under `dir`.
 fn dataset(dir: &Path, train_per_shard: usize) {
@@ -97,17 +97,6 @@ fn fit_args(d: &str, out: &str, steps: usize) -> Vec<String> {
     .iter()
     .map(|x| x.to_string())
     .collect()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn bits(t: &Tensor) -> Vec<u32> {
@@ -199,7 +188,7 @@ fn train_merge_evaluate_and_serve() {
 
     // The merged model embeds as the LoRA model does.
     let files = capivara::resolve::resolve(&s(&tiny())).unwrap().files;
-    let lora = capivara_trainer::fit::load_trained(files, Path::new(&run), &Device::Cpu).unwrap();
+    let lora = capivara_trainer::run::load_trained(files, Path::new(&run), &Device::Cpu).unwrap();
     let texts = [
         "um círculo vermelho",
         "uma cruz azul sobre um fundo claro",
@@ -266,26 +255,8 @@ fn train_merge_evaluate_and_serve() {
     assert!(f1 >= f0 + 0.15, "zero-shot top-5 {f0} -> {f1}");
 
     // The merged directory serves, with the same embeddings over HTTP.
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let cfg = capivara::server::ServeConfig::new(
-        merged.clone(),
-        "127.0.0.1:0".parse().unwrap(),
-        data.path(),
-    );
-    let (server, loaded) = rt.block_on(capivara::server::start(cfg)).unwrap();
-    rt.block_on(loaded).unwrap().unwrap();
-    let url = format!("http://{}/embed/text", server.addr);
-    let body: Value = ureq::post(&url)
-        .send_json(serde_json::json!({"texts": texts}))
-        .unwrap()
-        .body_mut()
-        .read_json()
-        .unwrap();
-    let served: Vec<Vec<f32>> = serde_json::from_value(body["embeddings"].clone()).unwrap();
-    let served = Tensor::new(served, &Device::Cpu).unwrap();
+    let served = served_text_embeddings(Path::new(&merged), &texts);
     assert!(max_diff(&want, &served) <= 1e-5);
-    rt.block_on(server.shutdown()).unwrap();
 }
 
 #[test]

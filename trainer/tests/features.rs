@@ -9,9 +9,8 @@ use capivara::Pipeline;
 use capivara_trainer::data::read_shard;
 use capivara_trainer::features::read_features;
 
-fn tiny() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny")
-}
+mod common;
+use common::tiny;
 
 fn png(r: u8, g: u8, b: u8) -> Vec<u8> {
     let img = image::RgbImage::from_fn(48, 36, |x, _| {
@@ -30,15 +29,7 @@ fn png(r: u8, g: u8, b: u8) -> Vec<u8> {
 
 fn shard(dir: &Path, name: &str, files: &[(String, Vec<u8>)]) -> PathBuf {
     let path = dir.join(name);
-    let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
-    for (n, data) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        b.append_data(&mut h, n, &data[..]).unwrap();
-    }
-    b.finish().unwrap();
+    capivara_trainer::synth::write_tar(&path, files).unwrap();
     path
 }
 

@@ -2,15 +2,12 @@
 //! LoRA adapters (r * (in + out) each), the projection and, when asked, the
 //! logit scale.
 
-use std::path::{Path, PathBuf};
-
 use candle_core::{DType, Device, Tensor};
 use capivara_trainer::loss::{full_batch_grads, grad_cache};
 use capivara_trainer::model::{TrainModel, TrainSpec};
 
-fn tiny() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny")
-}
+mod common;
+use common::{max_abs, max_diff, tiny};
 
 fn load(spec: TrainSpec) -> TrainModel {
     let files = capivara::resolve::resolve(tiny().to_str().unwrap())
@@ -77,15 +74,7 @@ fn grad_cache_equals_the_full_batch_gradient() {
                 .grads
                 .get(name)
                 .unwrap_or_else(|| panic!("{name}: no GradCache gradient"));
-            let diff = (a - g).unwrap().abs().unwrap().max_all().unwrap();
-            let diff = diff.to_scalar::<f32>().unwrap();
-            let norm = a
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let (diff, norm) = (max_diff(a, g), max_abs(a));
             assert!(norm > 0.0, "{name}: zero gradient");
             assert!(
                 diff <= 1e-5,
@@ -96,14 +85,10 @@ fn grad_cache_equals_the_full_batch_gradient() {
     // The dropout masks are replayed, not redrawn: another seed gives another
     // gradient, so the equality above is not a coincidence of no dropout.
     let other = grad_cache(&model, &captions, &images, 5, 100).unwrap();
-    let d = (&other.grads["text.proj.0.weight"] - &full.grads["text.proj.0.weight"])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_diff(
+        &other.grads["text.proj.0.weight"],
+        &full.grads["text.proj.0.weight"],
+    );
     assert!(d > 1e-6, "dropout had no effect");
 }
 
