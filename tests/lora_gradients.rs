@@ -1,6 +1,6 @@
 //! The training path (LoRA on the text tower, differentiable kernels) gives
 //! every LoRA tensor a non-zero gradient: candle's fused layer norm and softmax
-//! record no backward op, so the trainer must not use them (DESIGN.md).
+//! record no backward op (candle 0.11), so the trainer must not use them.
 
 mod common;
 
