@@ -111,10 +111,7 @@ pub fn embed_images<B: AsRef<[u8]>>(
         if pixels.is_empty() {
             continue;
         }
-        let t = pipeline
-            .preprocessor
-            .batch(&pixels, pipeline.clip.device())?;
-        rows.push(pipeline.clip.encode_image(&t)?.to_device(&Device::Cpu)?);
+        rows.push(pipeline.embed_pixels(&pixels)?.to_device(&Device::Cpu)?);
     }
     let t = if rows.is_empty() {
         None
