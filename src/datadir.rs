@@ -2,7 +2,9 @@
 //! process at a time: `capivara serve` or `capivara index`), the index, and
 //! the thumbnails kept beside it.
 //!
-//! Layout: `index/` (see [`crate::index`]), `thumbnails/<id>.jpg`, `.lock`.
+//! Layout: `index/` (see [`crate::index`]), `thumbnails/<id>.jpg`,
+//! `model.json` (the [`Fingerprint`] of the model whose embeddings the index
+//! holds), `.lock`.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -13,8 +15,12 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use crate::index::{
-    Backend, Hit, HnswIndex, HnswParams, IndexError, Item, NewImage, Thumbnail, VectorIndex,
+    Backend, Fingerprint, Hit, HnswIndex, HnswParams, IndexError, Item, NewImage, StoredImage,
+    Thumbnail, VectorIndex,
 };
+
+/// The fingerprint file in the data directory.
+pub const FINGERPRINT_FILE: &str = "model.json";
 
 /// An open data directory: locked, its index and thumbnails ready.
 #[derive(Clone)]
@@ -22,6 +28,8 @@ pub struct DataDir {
     root: PathBuf,
     index: Arc<HnswIndex>,
     thumbnails: Thumbnails,
+    /// Sorted ids of the last full [`Backend::scan`], paged through after.
+    scan_ids: Arc<std::sync::Mutex<Arc<Vec<String>>>>,
     _lock: Arc<DataDirLock>,
 }
 
@@ -45,6 +53,7 @@ impl DataDir {
             root: dir.to_path_buf(),
             index: Arc::new(index),
             thumbnails,
+            scan_ids: Default::default(),
             _lock: Arc::new(lock),
         })
     }
@@ -77,6 +86,29 @@ impl DataDir {
         Ok(())
     }
 
+    fn read_fingerprint(&self) -> Result<Option<Fingerprint>, IndexError> {
+        let path = self.root.join(FINGERPRINT_FILE);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| IndexError::Corrupt(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes `model.json` atomically (temp file, fsync, rename, dir fsync).
+    fn write_fingerprint(&self, fp: &Fingerprint) -> Result<(), IndexError> {
+        let path = self.root.join(FINGERPRINT_FILE);
+        let tmp = self.root.join(format!("{FINGERPRINT_FILE}.tmp"));
+        let mut f = File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec(fp).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        File::open(&self.root)?.sync_all()?;
+        Ok(())
+    }
+
     /// Runs `f` on the blocking pool.
     async fn blocking<T: Send + 'static>(
         &self,
@@ -97,6 +129,24 @@ impl Backend for DataDir {
 
     fn describe(&self) -> String {
         format!("data directory {}", self.root.display())
+    }
+
+    async fn check(&self) -> Result<(), IndexError> {
+        Ok(())
+    }
+
+    async fn fingerprint(&self) -> Result<Option<Fingerprint>, IndexError> {
+        self.blocking(|d| d.read_fingerprint()).await
+    }
+
+    async fn claim(&self, fp: &Fingerprint) -> Result<(), IndexError> {
+        let fp = fp.clone();
+        // The directory's lock makes this process the only claimant.
+        self.blocking(move |d| match d.read_fingerprint()? {
+            Some(stored) => fp.check(&stored),
+            None => d.write_fingerprint(&fp),
+        })
+        .await
     }
 
     async fn len(&self) -> Result<usize, IndexError> {
@@ -139,6 +189,43 @@ impl Backend for DataDir {
                 Some(jpeg) => Thumbnail::Jpeg(jpeg),
                 None => Thumbnail::NotKept,
             })
+        })
+        .await
+    }
+
+    async fn scan(
+        &self,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<StoredImage>, IndexError> {
+        self.blocking(move |d| {
+            let ids = {
+                let mut cached = d.scan_ids.lock().unwrap_or_else(|e| e.into_inner());
+                if after.is_none() {
+                    *cached = Arc::new(d.index.ids());
+                }
+                cached.clone()
+            };
+            let start = match &after {
+                Some(a) => ids.partition_point(|id| id <= a),
+                None => 0,
+            };
+            let mut out = Vec::with_capacity(limit.min(ids.len()));
+            for id in &ids[start..] {
+                if out.len() >= limit {
+                    break;
+                }
+                // Deleted since the list was made: skipped.
+                if let Some((vector, metadata)) = d.index.item(id) {
+                    out.push(StoredImage {
+                        id: id.clone(),
+                        vector,
+                        metadata,
+                        thumbnail: d.thumbnails.read(id)?,
+                    });
+                }
+            }
+            Ok(out)
         })
         .await
     }

@@ -280,6 +280,25 @@ impl HnswIndex {
         st.graph.is_some() || st.store.live() <= self.inner.params.graph_threshold()
     }
 
+    /// Every live id, sorted.
+    pub fn ids(&self) -> Vec<String> {
+        let st = self.inner.read();
+        let mut ids: Vec<String> = st
+            .store
+            .iter_live()
+            .map(|(id, _, _)| id.to_owned())
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// A live item's vector (as stored: normalised) and metadata.
+    pub fn item(&self, id: &str) -> Option<(Vec<f32>, Value)> {
+        let st = self.inner.read();
+        let slot = st.store.slot_of(id)?;
+        Some((st.store.vector(slot).to_vec(), st.store.get(id)?.clone()))
+    }
+
     /// Blocks until [`Self::graph_ready`].
     pub fn wait_for_graph(&self) {
         while !self.graph_ready() {

@@ -26,7 +26,7 @@ pub mod log;
 pub mod snapshot;
 mod store;
 
-pub use backend::{Backend, NewImage, Thumbnail};
+pub use backend::{Backend, Fingerprint, NewImage, StoredImage, Thumbnail};
 pub use brute::BruteForceIndex;
 pub use hnsw::{HnswIndex, HnswParams};
 
@@ -68,6 +68,13 @@ pub enum IndexError {
     /// A file that fails its checksum or does not parse, found at open.
     #[error("corrupt index: {0}")]
     Corrupt(String),
+    /// The store cannot be reached now (a database down or restarting):
+    /// try again later.
+    #[error("the index is unavailable: {0}")]
+    Unavailable(String),
+    /// The store holds embeddings of another model.
+    #[error("{0}")]
+    ModelMismatch(String),
 }
 
 /// The index the server calls, from many threads at once.

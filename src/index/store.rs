@@ -85,6 +85,10 @@ impl Store {
         self.by_id.get(id).map(|&s| &self.slots[s].metadata)
     }
 
+    pub(crate) fn slot_of(&self, id: &str) -> Option<usize> {
+        self.by_id.get(id).copied()
+    }
+
     pub(crate) fn contains(&self, id: &str) -> bool {
         self.by_id.contains_key(id)
     }
@@ -241,14 +245,19 @@ impl Store {
         heap.into_iter().map(|m| (m.1, m.0)).collect()
     }
 
+    /// The hits of `top` (best first), equal scores ordered by id (as every
+    /// index backend orders them).
     pub(crate) fn hits(&self, top: Vec<(usize, f32)>) -> Vec<Hit> {
-        top.into_iter()
+        let mut hits: Vec<Hit> = top
+            .into_iter()
             .map(|(s, score)| Hit {
                 id: self.slots[s].id.clone(),
                 score,
                 metadata: self.slots[s].metadata.clone(),
             })
-            .collect()
+            .collect();
+        hits.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.id.cmp(&b.id)));
+        hits
     }
 }
 

@@ -132,6 +132,11 @@ impl From<IndexError> for ApiError {
             IndexError::Dimension { .. } | IndexError::InvalidVector(_) => {
                 Self::bad_request("invalid_vector", e.to_string())
             }
+            IndexError::Unavailable(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "index_unavailable",
+                e.to_string(),
+            ),
             IndexError::Storage(io) if is_disk_full(io) => Self::new(
                 StatusCode::INSUFFICIENT_STORAGE,
                 "insufficient_storage",
