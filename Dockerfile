@@ -23,7 +23,7 @@ RUN cargo build --release --locked -p capivara \
 # ---------------------------------------------------------------- CPU image
 FROM debian:bookworm-slim AS cpu
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates \
+    && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 10001 --create-home capivara \
     && mkdir -p /data /cache && chown capivara /data /cache
@@ -57,7 +57,10 @@ RUN cargo build --release --locked -p capivara --features cuda \
 
 # ---------------------------------------------------------------- CUDA image
 FROM nvidia/cuda:13.0.1-runtime-ubuntu24.04 AS cuda
-RUN useradd --uid 10001 --create-home capivara \
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates curl \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --uid 10001 --create-home capivara \
     && mkdir -p /data /cache && chown capivara /data /cache
 COPY --from=build-cuda /src/target/release/capivara /usr/local/bin/capivara
 USER capivara

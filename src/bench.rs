@@ -46,8 +46,9 @@ pub struct BenchRow {
 }
 
 /// A deterministic pseudo-photo: smooth gradients and a few edges, so the
-/// image path does real work; preprocessed as any image is.
-fn sample_pixels(pipeline: &Pipeline) -> Result<Vec<f32>> {
+/// image path does real work; preprocessed as any image is. (Also the probe
+/// image of a model's fingerprint.)
+pub fn sample_pixels(pipeline: &Pipeline) -> Result<Vec<f32>> {
     let s = pipeline.preprocessor.image_size();
     let mut rgb = Vec::with_capacity(s * s * 3);
     for y in 0..s {

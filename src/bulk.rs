@@ -306,3 +306,69 @@ mod tests {
         }
     }
 }
+
+/// What `migrate` did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct MigrateReport {
+    pub from: String,
+    pub to: String,
+    pub migrated: usize,
+    pub with_thumbnail: usize,
+    pub seconds: f64,
+    pub images_per_second: f64,
+    /// Live images at the destination afterwards.
+    pub index_size: usize,
+}
+
+/// Copies every image of `from` (vectors, metadata, thumbnails) into `to`
+/// in pages of `batch`, without re-embedding; `to` records `from`'s model
+/// fingerprint (and refuses if it holds another model's embeddings).
+pub async fn migrate(
+    from: crate::store::Reserved,
+    to: crate::store::Reserved,
+    opts: crate::store::OpenOptions,
+    batch: usize,
+    progress: bool,
+) -> anyhow::Result<MigrateReport> {
+    let started = std::time::Instant::now();
+    let fingerprint = from.recorded().await?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "--from records no model (no model.json / fingerprint): start `capivara serve` \
+             on it once, or index into it with `capivara index`, to record it"
+        )
+    })?;
+    let dim = fingerprint.dim;
+    let source = from.open(dim, opts.clone(), |_| {}).await?;
+    let dest = to.open(dim, opts, |_| {}).await?;
+    dest.claim(&fingerprint).await?;
+    let total = source.len().await?;
+    let bar = if progress {
+        indicatif::ProgressBar::new(total as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut report = MigrateReport {
+        from: source.describe(),
+        to: dest.describe(),
+        ..MigrateReport::default()
+    };
+    let mut after = None;
+    loop {
+        let page = source.scan(after.clone(), batch.max(1)).await?;
+        let Some(last) = page.last() else {
+            break;
+        };
+        after = Some(last.id.clone());
+        report.migrated += page.len();
+        report.with_thumbnail += page.iter().filter(|i| i.thumbnail.is_some()).count();
+        bar.inc(page.len() as u64);
+        dest.insert(page.into_iter().map(NewImage::from).collect())
+            .await?;
+    }
+    dest.flush().await?;
+    bar.finish_and_clear();
+    report.seconds = started.elapsed().as_secs_f64();
+    report.images_per_second = report.migrated as f64 / report.seconds.max(1e-9);
+    report.index_size = dest.len().await?;
+    Ok(report)
+}

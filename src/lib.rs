@@ -71,6 +71,8 @@ pub mod index;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]
+pub mod store;
+#[cfg(feature = "server")]
 pub mod thumbnail;
 #[cfg(feature = "server")]
 pub mod timing;

@@ -33,10 +33,87 @@ enum Command {
     /// Print the OpenAPI document of the HTTP API (openapi/openapi.json).
     #[cfg(feature = "server")]
     Openapi,
-    /// Ingest folders of images and webdataset shards into a data directory
-    /// (the server's format; not while a server uses it).
+    /// Ingest folders of images and webdataset shards into the index: a data
+    /// directory (not while a server uses it) or Postgres (--index-url).
     #[cfg(feature = "server")]
     Index(IndexArgs),
+    /// Move an index between a data directory and Postgres, either way,
+    /// without re-embedding (vectors, metadata, thumbnails, the model's
+    /// fingerprint).
+    #[cfg(feature = "server")]
+    Migrate(MigrateArgs),
+}
+
+/// Where the index lives, for `serve` and `index`.
+#[cfg(feature = "server")]
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// The data directory (created if missing): the embedded index, its log,
+    /// snapshots and thumbnails.
+    #[arg(long, env = "CAPIVARA_DATA_DIR", default_value = "./capivara-data")]
+    data_dir: PathBuf,
+    /// `postgres://user:password@host:port/db?sslmode=...`: keep the index in
+    /// Postgres + pgvector instead of --data-dir; any number of processes may
+    /// share it. `sslmode` as libpq: disable, prefer, require, verify-ca,
+    /// verify-full (with `sslrootcert=FILE`).
+    #[arg(long, env = "CAPIVARA_INDEX_URL", hide_env_values = true)]
+    index_url: Option<String>,
+    /// HNSW links per node (default: 24 embedded, 16 in Postgres; Postgres
+    /// uses it when it creates the index).
+    #[arg(long, env = "CAPIVARA_HNSW_M")]
+    hnsw_m: Option<usize>,
+    /// HNSW candidate list while building (default: 200 embedded, 64 Postgres).
+    #[arg(long, env = "CAPIVARA_HNSW_EF_CONSTRUCTION")]
+    hnsw_ef_construction: Option<usize>,
+    /// HNSW candidate list while searching, at least k (default: 128
+    /// embedded, 100 Postgres).
+    #[arg(long, env = "CAPIVARA_HNSW_EF_SEARCH")]
+    hnsw_ef_search: Option<usize>,
+    /// Postgres column type of a new index: `vector` (4 bytes a dimension)
+    /// or `halfvec` (2 bytes; scores from f16-rounded vectors).
+    #[arg(long, env = "CAPIVARA_INDEX_STORAGE", default_value = "vector")]
+    index_storage: String,
+    /// Connections to Postgres per process.
+    #[arg(long, env = "CAPIVARA_INDEX_POOL_SIZE", default_value_t = 16)]
+    index_pool_size: usize,
+}
+
+#[cfg(feature = "server")]
+impl StoreArgs {
+    /// The index's location and its tuning, checked.
+    fn parse(&self) -> anyhow::Result<(capivara::store::Location, capivara::store::OpenOptions)> {
+        let location =
+            capivara::store::Location::from_flags(&self.data_dir, self.index_url.as_deref())?;
+        let mut opts = capivara::store::OpenOptions::default();
+        if let Some(m) = self.hnsw_m {
+            anyhow::ensure!((2..=100).contains(&m), "--hnsw-m must be 2 to 100");
+            opts.hnsw.max_nb_connection = m;
+            opts.pg.m = m;
+        }
+        if let Some(ef) = self.hnsw_ef_construction {
+            anyhow::ensure!(ef >= 4, "--hnsw-ef-construction must be at least 4");
+            opts.hnsw.ef_construction = ef;
+            opts.pg.ef_construction = ef;
+        }
+        if let Some(ef) = self.hnsw_ef_search {
+            anyhow::ensure!(
+                (1..=1000).contains(&ef),
+                "--hnsw-ef-search must be 1 to 1000"
+            );
+            opts.hnsw.ef_search = ef;
+            opts.pg.ef_search = ef;
+        }
+        opts.pg.storage = self
+            .index_storage
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--index-storage: {e}"))?;
+        anyhow::ensure!(
+            self.index_pool_size > 0,
+            "--index-pool-size must be at least 1"
+        );
+        opts.pg.pool_size = self.index_pool_size;
+        Ok((location, opts))
+    }
 }
 
 /// The model flags every command shares, and their one loader.
@@ -98,9 +175,8 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "CAPIVARA_ADDR", default_value = "127.0.0.1:8080")]
     addr: std::net::SocketAddr,
-    /// Directory of the index (created if missing).
-    #[arg(long, env = "CAPIVARA_DATA_DIR", default_value = "./capivara-data")]
-    data_dir: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
     /// Most texts or images in one forward pass.
     #[arg(long, env = "CAPIVARA_MAX_BATCH_SIZE", default_value_t = 32)]
     max_batch_size: usize,
@@ -140,9 +216,8 @@ struct ServeArgs {
 struct IndexArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// The data directory (created if missing), as `capivara serve` uses it.
-    #[arg(long, env = "CAPIVARA_DATA_DIR", default_value = "./capivara-data")]
-    data_dir: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
     /// Images per forward pass.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
@@ -153,6 +228,28 @@ struct IndexArgs {
     /// image files, and webdataset shards (.tar).
     #[arg(required = true)]
     paths: Vec<PathBuf>,
+}
+
+#[cfg(feature = "server")]
+#[derive(clap::Args)]
+struct MigrateArgs {
+    /// The index to read: a data directory or a `postgres://` URL.
+    #[arg(long)]
+    from: String,
+    /// The index to write (created if missing; it must be empty or hold
+    /// the same model's embeddings): a data directory or a `postgres://` URL.
+    #[arg(long)]
+    to: String,
+    /// Images per read and per write.
+    #[arg(long, default_value_t = 1000)]
+    batch_size: usize,
+    /// Postgres column type when the destination is a new Postgres index:
+    /// `vector` or `halfvec`.
+    #[arg(long, default_value = "vector")]
+    index_storage: String,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
 }
 
 #[derive(clap::Args)]
@@ -256,10 +353,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "load_seconds": load_seconds,
         "rows": rows,
     });
-    let mut stdout = std::io::stdout().lock();
-    serde_json::to_writer(&mut stdout, &out)?;
-    writeln!(stdout)?;
-    Ok(())
+    print_json(&out)
 }
 
 #[derive(serde::Serialize)]
@@ -272,38 +366,73 @@ struct EmbedOutput<'a> {
 
 #[cfg(feature = "server")]
 fn index(args: IndexArgs) -> anyhow::Result<()> {
-    use capivara::datadir::DataDir;
-    use capivara::index::{Backend, HnswParams};
     let choice = args.model.parse()?;
+    let (location, mut opts) = args.store.parse()?;
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
     for p in &args.paths {
         anyhow::ensure!(p.exists(), "{}: no such file or folder", p.display());
     }
-    let lock = capivara::datadir::lock(&args.data_dir)?;
+    let place = location.reserve()?;
     let pipeline = choice.load()?;
+    let fingerprint = pipeline.fingerprint()?;
     // Writing only: no graph (the server builds it at start).
-    let params = HnswParams {
-        exact_search_below: usize::MAX,
-        ..HnswParams::default()
-    };
-    let data = DataDir::open_locked(lock, pipeline.clip.embed_dim(), params)?;
+    opts.hnsw.exact_search_below = usize::MAX;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let report = rt.block_on(async {
+        let index = place.open(pipeline.clip.embed_dim(), opts, |_| {}).await?;
+        index.claim(&fingerprint).await?;
         let r = capivara::bulk::run(
             &pipeline,
-            &data,
+            &*index,
             &args.paths,
             args.batch_size,
             !args.no_progress,
         )
         .await?;
-        data.flush().await?;
+        index.flush().await?;
         anyhow::Ok(r)
     })?;
+    print_json(&report)
+}
+
+#[cfg(feature = "server")]
+fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    use capivara::store::{Location, OpenOptions};
+    anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
+    let from = Location::parse(&args.from).map_err(|e| anyhow::anyhow!("--from: {e}"))?;
+    let to = Location::parse(&args.to).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
+    if let (Location::DataDir(a), Location::DataDir(b)) = (&from, &to) {
+        anyhow::ensure!(
+            a.canonicalize().ok() != b.canonicalize().ok() || !a.exists(),
+            "--from and --to are the same data directory"
+        );
+    }
+    let mut opts = OpenOptions::default();
+    opts.hnsw.exact_search_below = usize::MAX;
+    opts.pg.storage = args
+        .index_storage
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--index-storage: {e}"))?;
+    let (from, to) = (from.reserve()?, to.reserve()?);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let report = rt.block_on(capivara::bulk::migrate(
+        from,
+        to,
+        opts,
+        args.batch_size,
+        !args.no_progress,
+    ))?;
+    print_json(&report)
+}
+
+/// One JSON line on stdout.
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
-    serde_json::to_writer(&mut stdout, &report)?;
+    serde_json::to_writer(&mut stdout, value)?;
     writeln!(stdout)?;
     Ok(())
 }
@@ -331,10 +460,7 @@ fn embed(args: EmbedArgs) -> anyhow::Result<()> {
         texts,
         images: image_embs,
     };
-    let mut stdout = std::io::stdout().lock();
-    serde_json::to_writer(&mut stdout, &out)?;
-    writeln!(stdout)?;
-    Ok(())
+    print_json(&out)
 }
 
 #[cfg(feature = "server")]
@@ -349,7 +475,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let choice = args.model.parse()?;
-    let mut cfg = ServeConfig::new(&choice.model, args.addr, &args.data_dir);
+    let (location, store) = args.store.parse()?;
+    let mut cfg = ServeConfig::new(&choice.model, args.addr, &args.store.data_dir);
+    if let capivara::store::Location::Postgres(_) = location {
+        cfg.index_url = args.store.index_url.clone();
+    }
+    cfg.hnsw = store.hnsw;
+    cfg.pg = store.pg;
     cfg.device = choice.device;
     cfg.dtype = choice.dtype;
     cfg.quantization = choice.quantization;
@@ -421,6 +553,8 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench(args),
         #[cfg(feature = "server")]
         Command::Index(args) => index(args),
+        #[cfg(feature = "server")]
+        Command::Migrate(args) => migrate(args),
         #[cfg(feature = "server")]
         Command::Openapi => {
             print!("{}", capivara::server::openapi::document());

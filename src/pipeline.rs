@@ -116,6 +116,23 @@ impl Pipeline {
         self.embed_pixels(&pixels)
     }
 
+    /// Which embedding space this model is: its embeddings of a fixed probe
+    /// text and image (what an index records, to refuse another model).
+    #[cfg(feature = "server")]
+    pub fn fingerprint(&self) -> Result<crate::index::Fingerprint> {
+        let text = self.embed_texts(&["uma capivara descansando na beira do rio"])?;
+        let image = self.embed_pixels(&[crate::bench::sample_pixels(self)?])?;
+        let row = |t: Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_vec2::<f32>()?.into_iter().next().unwrap_or_default())
+        };
+        Ok(crate::index::Fingerprint {
+            model: self.files.model.clone(),
+            dim: self.clip.embed_dim(),
+            probe_text: row(text)?,
+            probe_image: row(image)?,
+        })
+    }
+
     /// One pass per tower (first-call allocations, kernel selection).
     pub fn warm_up(&self) -> Result<()> {
         self.embed_texts(&["uma foto de um gato."])?;

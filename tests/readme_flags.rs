@@ -14,6 +14,9 @@ fn help_flags(cmd: &str) -> BTreeMap<String, Option<String>> {
     assert!(out.status.success(), "capivara {cmd} --help failed");
     let text = String::from_utf8(out.stdout).unwrap();
     let mut flags = BTreeMap::new();
+    // The flag whose description is being read: clap writes `[env: NAME=]`
+    // at the end of it, on the flag's line or (long help) a later one.
+    let mut current: Option<String> = None;
     for line in text.lines() {
         let t = line.trim_start();
         // Option lines look like `-x, --name <V>  text [env: NAME=]` or `--name ...`.
@@ -21,20 +24,20 @@ fn help_flags(cmd: &str) -> BTreeMap<String, Option<String>> {
             [b'-', c, b',', b' ', ..] if *c != b'-' => &t[4..],
             _ => t,
         };
-        let Some(rest) = t.strip_prefix("--") else {
-            continue;
-        };
-        let name: String = rest
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
-            .collect();
-        if name == "help" || name.is_empty() {
-            continue;
+        if let Some(rest) = t.strip_prefix("--") {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect();
+            current = (name != "help" && !name.is_empty()).then(|| format!("--{name}"));
+            if let Some(flag) = &current {
+                flags.insert(flag.clone(), None);
+            }
         }
-        let env = line
-            .split_once("[env: ")
-            .map(|(_, e)| e.split('=').next().unwrap().to_string());
-        flags.insert(format!("--{name}"), env);
+        if let (Some(flag), Some((_, e))) = (&current, line.split_once("[env: ")) {
+            let name = e.split(['=', ']']).next().unwrap();
+            flags.insert(flag.clone(), Some(name.to_string()));
+        }
     }
     assert!(!flags.is_empty(), "no flags parsed from `{cmd} --help`");
     flags
@@ -112,4 +115,36 @@ fn index_flags_are_documented() {
 #[test]
 fn embed_flags_are_documented() {
     check("embed", "`capivara embed`");
+}
+
+#[test]
+fn migrate_flags_are_documented() {
+    check("migrate", "`capivara migrate`");
+}
+
+/// The environment variables docker-compose.yml sets (or shows commented
+/// out) are ones `capivara serve` reads.
+#[test]
+fn compose_env_vars_are_serve_flags() {
+    let compose =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docker-compose.yml"))
+            .unwrap();
+    let known: BTreeSet<String> = help_flags("serve").into_values().flatten().collect();
+    let mut seen = 0;
+    for line in compose.lines() {
+        let t = line.trim_start().trim_start_matches('#').trim_start();
+        if let Some((name, _)) = t.split_once(':') {
+            if name.starts_with("CAPIVARA_") {
+                seen += 1;
+                assert!(
+                    known.contains(name),
+                    "docker-compose.yml sets {name}, which `capivara serve` does not read"
+                );
+            }
+        }
+    }
+    assert!(
+        seen >= 3,
+        "no CAPIVARA_ variables found in docker-compose.yml"
+    );
 }

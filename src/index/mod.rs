@@ -23,6 +23,7 @@ pub mod backend;
 mod brute;
 mod hnsw;
 pub mod log;
+pub mod postgres;
 pub mod snapshot;
 mod store;
 
@@ -157,6 +158,12 @@ pub(crate) fn normalized(vector: &[f32], dim: usize) -> Result<Vec<f32>, IndexEr
         .sqrt();
     if norm == 0.0 {
         return Err(IndexError::InvalidVector("zero vector".into()));
+    }
+    // A vector already of unit length (to f32 precision) is kept bit for
+    // bit: normalising is idempotent, so a vector moved between stores
+    // (`capivara migrate`) comes back unchanged.
+    if (norm - 1.0).abs() <= 1e-6 {
+        return Ok(vector.to_vec());
     }
     Ok(vector
         .iter()

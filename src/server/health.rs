@@ -26,14 +26,14 @@ pub async fn healthz() -> Json<Status> {
     })
 }
 
-/// The model is loaded and warmed up, the index is open.
+/// The model is loaded and warmed up, the index is open and answers.
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses(
         (status = 200, description = "Ready to serve", body = Status),
-        (status = 503, description = "Still loading", body = ErrorBody),
+        (status = 503, description = "Still loading (`not_ready`, saying what it waits for), or the index cannot be reached (`index_unavailable`)", body = ErrorBody),
     ))]
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Status>, ApiError> {
-    state.loaded()?;
+    state.loaded()?.index.check().await?;
     Ok(Json(Status {
         status: "ready".into(),
     }))

@@ -154,7 +154,7 @@ async fn read(payload: Payload) -> Result<Vec<Upload>, ApiError> {
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Unsupported content type or image format", body = ErrorBody),
         (status = 422, description = "Image has too many pixels", body = ErrorBody),
-        (status = 503, description = "Overloaded: retry after the Retry-After seconds", body = ErrorBody),
+        (status = 503, description = "Overloaded or the index unavailable: retry after the Retry-After seconds", body = ErrorBody),
         (status = 507, description = "The data directory is full", body = ErrorBody),
     ),
     security(("api_key" = [])))]
@@ -233,6 +233,7 @@ pub async fn ingest(
         (status = 200, description = "The image's metadata", body = ImageInfo),
         (status = 400, description = "Invalid id", body = ErrorBody),
         (status = 404, description = "No such image", body = ErrorBody),
+        (status = 503, description = "The index is unavailable: retry after the Retry-After seconds", body = ErrorBody),
     ))]
 pub async fn get_image(
     State(state): State<Arc<AppState>>,
@@ -253,6 +254,7 @@ pub async fn get_image(
         (status = 400, description = "Invalid id", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 404, description = "No such image", body = ErrorBody),
+        (status = 503, description = "The index is unavailable: retry after the Retry-After seconds", body = ErrorBody),
         (status = 507, description = "The data directory is full", body = ErrorBody),
     ),
     security(("api_key" = [])))]
@@ -285,6 +287,7 @@ pub struct Jpeg(Vec<u8>);
         (status = 200, description = "The thumbnail", content_type = "image/jpeg", body = Jpeg),
         (status = 400, description = "Invalid id", body = ErrorBody),
         (status = 404, description = "No such image, or none kept for it", body = ErrorBody),
+        (status = 503, description = "The index is unavailable: retry after the Retry-After seconds", body = ErrorBody),
     ))]
 pub async fn get_thumbnail(
     State(state): State<Arc<AppState>>,

@@ -190,7 +190,7 @@ pub async fn start(
     let addr = listener.local_addr()?;
     let state = Arc::new(AppState::new(config));
     let st = state.clone();
-    let loaded = tokio::task::spawn_blocking(move || st.load());
+    let loaded = tokio::spawn(async move { st.load().await });
     let (stop, mut stopped) = watch::channel(false);
     let app = router(state.clone());
     let task = tokio::spawn(async move {

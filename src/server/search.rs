@@ -16,7 +16,8 @@ fn default_k() -> usize {
     10
 }
 
-/// A search by text (`query`) or by example image (`image`, base64).
+/// A search by text (`query`), by example image (`image`, base64), or by an
+/// embedding (`vector`): exactly one of the three.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SearchRequest {
@@ -26,6 +27,10 @@ pub struct SearchRequest {
     /// An example image, base64 (instead of `query`).
     #[serde(default)]
     pub image: Option<String>,
+    /// An embedding in the index model's space (as `/embed/text` or
+    /// `/embed/image` return them), of the model's dimension; any norm.
+    #[serde(default)]
+    pub vector: Option<Vec<f32>>,
     /// How many results, 1..=1000.
     #[serde(default = "default_k")]
     #[schema(minimum = 1, maximum = 1000)]
@@ -43,11 +48,11 @@ pub struct SearchResponse {
     request_body(content = SearchRequest, content_type = "application/json"),
     responses(
         (status = 200, description = "The best matches, best first", body = SearchResponse),
-        (status = 400, description = "Empty query, both or neither of query/image, k out of range", body = ErrorBody),
+        (status = 400, description = "Empty query, several or none of query/image/vector, a vector of the wrong dimension or zero, k out of range", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Not JSON, or unsupported image format", body = ErrorBody),
         (status = 422, description = "Image has too many pixels", body = ErrorBody),
-        (status = 503, description = "Overloaded: retry after the Retry-After seconds", body = ErrorBody),
+        (status = 503, description = "Overloaded or the index unavailable: retry after the Retry-After seconds", body = ErrorBody),
     ))]
 pub async fn search(
     State(state): State<Arc<AppState>>,
@@ -60,8 +65,9 @@ pub async fn search(
             format!("k must be between 1 and {} (got {})", limits.max_k, req.k),
         ));
     }
-    let vector = match (req.query, req.image) {
-        (Some(q), None) => {
+    let vector = match (req.query, req.image, req.vector) {
+        (None, None, Some(v)) => vec![v],
+        (Some(q), None, None) => {
             if q.trim().is_empty() {
                 return Err(ApiError::bad_request("empty_query", "the query is empty"));
             }
@@ -76,21 +82,21 @@ pub async fn search(
             }
             state.loaded()?.embedder.embed_texts(vec![q]).await?
         }
-        (None, Some(img)) => {
+        (None, Some(img), None) => {
             let bytes = decode_base64("image", &img)?;
             let px = preprocess_all(&state, vec![bytes]).await?;
             state.loaded()?.embedder.embed_pixels(px).await?
         }
-        (Some(_), Some(_)) => {
-            return Err(ApiError::bad_request(
-                "invalid_query",
-                "give either `query` or `image`, not both",
-            ))
-        }
-        (None, None) => {
+        (None, None, None) => {
             return Err(ApiError::bad_request(
                 "empty_query",
-                "give a `query` (text) or an `image`",
+                "give a `query` (text), an `image` or a `vector`",
+            ))
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                "give one of `query`, `image` and `vector`, not several",
             ))
         }
     };

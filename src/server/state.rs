@@ -4,17 +4,18 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::http::StatusCode;
 use candle_core::{DType, Device};
 
 use super::error::ApiError;
 use super::metrics::Metrics;
-use crate::datadir::DataDir;
 use crate::engine::{Embedder, EngineConfig, EngineObserver};
-use crate::index::{Backend, HnswParams, VectorIndex};
+use crate::index::postgres::PgOptions;
+use crate::index::{Backend, HnswParams};
 use crate::pipeline::Pipeline;
+use crate::store::{Location, OpenOptions};
 use crate::zeroshot::DEFAULT_TEMPLATES;
 
 /// Bounds on what one request may ask for.
@@ -111,7 +112,12 @@ pub struct ServeConfig {
     pub limits: Limits,
     pub api_key: Option<String>,
     pub templates: Vec<String>,
+    /// The embedded index's tuning (with the data directory).
     pub hnsw: HnswParams,
+    /// `postgres://...`: the index in Postgres instead of the data directory.
+    pub index_url: Option<String>,
+    /// The Postgres backend's tuning.
+    pub pg: PgOptions,
     /// Origins allowed to call the API from a browser page served elsewhere
     /// (CORS); empty: none (the default: only the page at `/`, same origin);
     /// `*`: any.
@@ -135,6 +141,8 @@ impl ServeConfig {
             api_key: None,
             templates: DEFAULT_TEMPLATES.iter().map(|s| s.to_string()).collect(),
             hnsw: HnswParams::default(),
+            index_url: None,
+            pg: PgOptions::default(),
             cors_origins: Vec::new(),
             request_timeout: std::time::Duration::from_secs(60),
         }
@@ -152,6 +160,8 @@ pub struct AppState {
     pub config: ServeConfig,
     pub metrics: Arc<Metrics>,
     loaded: OnceLock<Loaded>,
+    /// What loading is doing now, for `/readyz`.
+    phase: Mutex<String>,
 }
 
 impl AppState {
@@ -160,42 +170,55 @@ impl AppState {
             config,
             metrics: Arc::new(Metrics::new()),
             loaded: OnceLock::new(),
+            phase: Mutex::new("the model is still loading".into()),
         }
     }
 
-    /// The loaded model and index, or 503 while loading.
+    fn set_phase(&self, phase: impl Into<String>) {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = phase.into();
+    }
+
+    /// The loaded model and index, or 503 while loading (saying what it is
+    /// doing).
     pub fn loaded(&self) -> Result<&Loaded, ApiError> {
         self.loaded.get().ok_or_else(|| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not_ready",
-                "the model is still loading",
-            )
+            let phase = self.phase.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", phase)
         })
     }
 
-    /// Loads the model, warms it up, opens the index. Blocking.
-    pub fn load(&self) -> anyhow::Result<()> {
-        let cfg = &self.config;
+    /// Loads the model, warms it up, opens (or connects to) the index and
+    /// checks that the index holds this model's embeddings.
+    pub async fn load(&self) -> anyhow::Result<()> {
+        let cfg = self.config.clone();
         // One process per data directory: refuse before any slow work.
-        let lock = crate::datadir::lock(&cfg.data_dir)?;
+        let place = Location::from_flags(&cfg.data_dir, cfg.index_url.as_deref())?.reserve()?;
         tracing::info!(model = %cfg.model, "loading the model");
-        let mut pipeline =
-            Pipeline::load_with(&cfg.model, &cfg.device, cfg.dtype, cfg.quantization)?;
-        pipeline.preprocessor = pipeline
-            .preprocessor
-            .clone()
-            .with_max_pixels(cfg.limits.max_pixels);
-        pipeline.warm_up()?;
-        let dim = pipeline.clip.embed_dim();
+        let c = cfg.clone();
+        let (pipeline, fingerprint) = tokio::task::spawn_blocking(move || {
+            let mut pipeline = Pipeline::load_with(&c.model, &c.device, c.dtype, c.quantization)?;
+            pipeline.preprocessor = pipeline
+                .preprocessor
+                .clone()
+                .with_max_pixels(c.limits.max_pixels);
+            pipeline.warm_up()?;
+            let fingerprint = pipeline.fingerprint()?;
+            anyhow::Ok((pipeline, fingerprint))
+        })
+        .await??;
+        let opts = OpenOptions {
+            hnsw: cfg.hnsw.clone(),
+            pg: cfg.pg.clone(),
+            wait: true,
+        };
+        let index = place
+            .open(pipeline.clip.embed_dim(), opts, |why| self.set_phase(why))
+            .await?;
+        index.claim(&fingerprint).await?;
+        self.metrics.index_size.set(index.len().await? as i64);
         let observer: Arc<dyn EngineObserver> = self.metrics.clone();
-        let embedder = Arc::new(Embedder::new(pipeline, cfg.engine.clone(), Some(observer)));
-        let data = DataDir::open_locked(lock, dim, cfg.hnsw.clone())?;
-        self.metrics.index_size.set(data.index().len() as i64);
-        let _ = self.loaded.set(Loaded {
-            embedder,
-            index: Arc::new(data),
-        });
+        let embedder = Arc::new(Embedder::new(pipeline, cfg.engine, Some(observer)));
+        let _ = self.loaded.set(Loaded { embedder, index });
         tracing::info!("ready");
         Ok(())
     }
