@@ -61,3 +61,39 @@ pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         })
         .fold(0.0, f32::max)
 }
+
+/// A copy of the tiny model in `dst` whose embeddings live in another space:
+/// the image and text projections negated (another model as far as an index
+/// is concerned; same architecture and files).
+pub fn other_tiny_model(dst: &std::path::Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(tiny_dir()).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name();
+        let name = name.to_str().unwrap();
+        if name.ends_with(".json") {
+            std::fs::copy(e.path(), dst.join(name)).unwrap();
+        }
+    }
+    let tensors =
+        candle_core::safetensors::load(tiny_dir().join("open_clip_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let last_text_proj = tensors
+        .keys()
+        .filter(|k| k.starts_with("text.proj.") && k.ends_with(".weight"))
+        .max()
+        .cloned()
+        .expect("a text projection");
+    let changed: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| {
+            let v = if k == "visual.proj" || k == last_text_proj {
+                v.neg().unwrap()
+            } else {
+                v
+            };
+            (k, v)
+        })
+        .collect();
+    candle_core::safetensors::save(&changed, dst.join("open_clip_model.safetensors")).unwrap();
+}
