@@ -422,14 +422,18 @@ impl PgServer {
     }
 
     /// A shell loop, as the Postgres user and in its own process group (so
-    /// Ctrl-C spares it), that stops the server and removes its directory
+    /// Ctrl-C spares it), that stops the server (SIGQUIT to the postmaster:
+    /// an immediate shutdown, needing no binaries) and removes its directory
     /// once this process is gone; it ends by itself when the directory goes.
     fn spawn_watchdog(&mut self) {
         const SCRIPT: &str = r#"trap '' INT TERM HUP
-while [ -d "/proc/$1" ] && [ -d "$4" ]; do sleep 1; done
-if [ -d "$4" ]; then
-    [ -f "$2/postmaster.pid" ] && "$3/pg_ctl" -D "$2" -m immediate stop >/dev/null 2>&1
-    rm -rf "$4"
+while [ -d "/proc/$1" ] && [ -d "$3" ]; do sleep 1; done
+if [ -d "$3" ]; then
+    pid=$(head -n 1 "$2/postmaster.pid" 2>/dev/null)
+    if [ -n "$pid" ] && kill -QUIT "$pid" 2>/dev/null; then
+        for _ in $(seq 50); do [ -f "$2/postmaster.pid" ] || break; sleep 0.1; done
+    fi
+    rm -rf "$3"
 fi"#;
         let child = self
             .runner
@@ -437,7 +441,6 @@ fi"#;
             .args(["-c", SCRIPT, "capivara-pg-watchdog"])
             .arg(std::process::id().to_string())
             .arg(self.data_dir())
-            .arg(&self.bin)
             .arg(self.root())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
