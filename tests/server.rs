@@ -152,14 +152,27 @@ fn repeated_label_sets_cost_only_the_image_pass() {
     );
 }
 
-#[test]
-fn search_equals_brute_force_on_500_images() {
+on_each_store!(
+    search_equals_brute_force_on_500_images,
+    images_get_and_delete,
+    restart_and_kill9_keep_acknowledged_images,
+    api_key_guards_writes_only,
+    thumbnails_follow_their_images,
+    bulk_index_equals_http_ingest,
+    an_index_refuses_another_models_embeddings,
+    search_by_vector,
+);
+
+fn search_equals_brute_force_on_500_images(store: Store) {
     // The HNSW graph answers (not the exact path small indexes take).
-    let s = TestServer::start(|c| {
+    let Some(s) = TestServer::start_on(store, |c| {
         c.hnsw.exact_search_below = 0;
         c.hnsw.graph_above = 0;
         c.hnsw.background_build = false;
-    });
+        c.pg.exact_search_below = 0;
+    }) else {
+        return;
+    };
     let n = 500;
     let mut vectors = Vec::new();
     for chunk in (0..n).collect::<Vec<u32>>().chunks(50) {
@@ -231,9 +244,10 @@ fn search_equals_brute_force_on_500_images() {
     assert!(r.json()["results"][0]["score"].as_f64().unwrap() > 0.999);
 }
 
-#[test]
-fn images_get_and_delete() {
-    let s = TestServer::start(|_| {});
+fn images_get_and_delete(store: Store) {
+    let Some(s) = TestServer::start_on(store, |_| {}) else {
+        return;
+    };
     let r = s.http.post_json(
         "/images",
         &json!({"images": [{"image": b64(&test_png(1)), "id": "a.1", "metadata": {"caption": "um gato"}},
@@ -389,12 +403,14 @@ fn concurrent_requests_are_batched_and_answers_unchanged() {
     }
 }
 
-#[test]
-fn restart_and_kill9_keep_acknowledged_images() {
+fn restart_and_kill9_keep_acknowledged_images(store: Store) {
     let dir = tempfile::tempdir().unwrap();
+    let Some(place) = Place::fresh(store, dir.path()) else {
+        return;
+    };
     // In-process, graceful stop, restart.
     {
-        let s = TestServer::start_in(dir.path(), |_| {});
+        let s = TestServer::start_at(&place, |_| {});
         let r = s.http.post_json(
             "/images",
             &json!({"images": [{"image": b64(&test_png(10)), "id": "graceful"}]}),
@@ -403,7 +419,7 @@ fn restart_and_kill9_keep_acknowledged_images() {
         s.stop();
     }
     // A child process killed with SIGKILL right after its acknowledgements.
-    let child = ChildServer::spawn(dir.path(), &[]);
+    let child = ChildServer::spawn_at(&place, &[], &[]);
     assert_eq!(child.http.get("/images/graceful").status, 200);
     let mut acked = Vec::new();
     for i in 0..5u32 {
@@ -418,7 +434,7 @@ fn restart_and_kill9_keep_acknowledged_images() {
     let r = child.http.delete("/images/k9-0", None);
     assert_eq!(r.status, 200);
     child.kill9();
-    let child = ChildServer::spawn(dir.path(), &[]);
+    let child = ChildServer::spawn_at(&place, &[], &[]);
     for id in &acked[1..] {
         assert_eq!(
             child.http.get(&format!("/images/{id}")).status,
@@ -437,13 +453,14 @@ fn restart_and_kill9_keep_acknowledged_images() {
     assert_eq!(r.json()["results"][0]["id"], "k9-3");
     // SIGTERM: a clean exit, and nothing lost.
     assert!(child.terminate().success());
-    let child = ChildServer::spawn(dir.path(), &[]);
+    let child = ChildServer::spawn_at(&place, &[], &[]);
     assert_eq!(child.http.get("/images/k9-4").status, 200);
 }
 
-#[test]
-fn api_key_guards_writes_only() {
-    let s = TestServer::start(|c| c.api_key = Some("s3cret".into()));
+fn api_key_guards_writes_only(store: Store) {
+    let Some(s) = TestServer::start_on(store, |c| c.api_key = Some("s3cret".into())) else {
+        return;
+    };
     let body = json!({"images": [{"image": b64(&test_png(5)), "id": "x"}]});
     let r = s.http.post_json("/images", &body);
     assert_eq!((r.status, r.error_code().as_str()), (401, "unauthorized"));
@@ -780,9 +797,10 @@ fn a_model_that_cannot_load_exits_non_zero() {
 
 /// Ingest keeps a thumbnail (longest side <= 256, aspect kept), served at
 /// /images/{id}/thumbnail; a replacement updates it, a delete removes it.
-#[test]
-fn thumbnails_follow_their_images() {
-    let s = TestServer::start(|_| {});
+fn thumbnails_follow_their_images(store: Store) {
+    let Some(s) = TestServer::start_on(store, |_| {}) else {
+        return;
+    };
     let wide = {
         let img = image::RgbImage::from_fn(900, 300, |x, _| image::Rgb([(x % 256) as u8, 90, 200]));
         let mut out = Vec::new();
@@ -830,11 +848,13 @@ fn thumbnails_follow_their_images() {
     );
     assert_eq!(r.status, 415);
     assert_eq!(s.http.get("/images/ok/thumbnail").status, 404);
-    let files: Vec<String> = std::fs::read_dir(s.data_dir.join("thumbnails"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    assert_eq!(files, ["small.jpg"]);
+    if store == Store::DataDir {
+        let files: Vec<String> = std::fs::read_dir(s.data_dir.join("thumbnails"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(files, ["small.jpg"]);
+    }
 }
 
 #[test]
@@ -880,9 +900,14 @@ fn one_server_per_data_directory() {
 
 /// `capivara index` on a folder of 200 generated images gives the same
 /// search results as ingesting them over HTTP; shards, skips, the lock.
-#[test]
-fn bulk_index_equals_http_ingest() {
+fn bulk_index_equals_http_ingest(store: Store) {
     let dir = tempfile::tempdir().unwrap();
+    let (Some(place_a), Some(place_b)) = (
+        Place::fresh(store, &dir.path().join("a")),
+        Place::fresh(store, &dir.path().join("b")),
+    ) else {
+        return;
+    };
     let imgs = dir.path().join("imgs");
     std::fs::create_dir_all(imgs.join("sub")).unwrap();
     let mut expected: Vec<(String, String, Vec<u8>)> = Vec::new(); // id, path, bytes
@@ -898,20 +923,18 @@ fn bulk_index_equals_http_ingest() {
     std::fs::write(imgs.join("broken.png"), b"not a png").unwrap();
     std::fs::write(imgs.join("notes.txt"), b"ignored").unwrap();
 
-    let run_index = |data: &std::path::Path, extra: &[&std::ffi::OsStr]| {
+    let run_index = |place: &Place, extra: &[&std::ffi::OsStr]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_capivara"))
             .arg("index")
             .arg("--model")
             .arg(tiny_dir())
-            .arg("--data-dir")
-            .arg(data)
+            .args(place.args())
             .args(extra)
             .env("HF_HUB_OFFLINE", "1")
             .output()
             .unwrap()
     };
-    let data_a = dir.path().join("a");
-    let out = run_index(&data_a, &[imgs.as_os_str()]);
+    let out = run_index(&place_a, &[imgs.as_os_str()]);
     assert!(
         out.status.success(),
         "{}",
@@ -924,7 +947,7 @@ fn bulk_index_equals_http_ingest() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("broken.png"));
 
     // The same images over HTTP, with the ids and metadata `index` gave.
-    let http = TestServer::start(|_| {});
+    let http = TestServer::start_on(store, |_| {}).expect("available above");
     for chunk in expected.chunks(32) {
         let images: Vec<Value> = chunk
             .iter()
@@ -933,7 +956,7 @@ fn bulk_index_equals_http_ingest() {
         let r = http.http.post_json("/images", &json!({ "images": images }));
         assert_eq!(r.status, 200, "{}", r.text);
     }
-    let served = ChildServer::spawn(&data_a, &[]);
+    let served = ChildServer::spawn_at(&place_a, &[], &[]);
     let queries = [
         json!({"query": "um quadrado vermelho", "k": 10}),
         json!({"query": "uma capivara", "k": 201}),
@@ -958,10 +981,23 @@ fn bulk_index_equals_http_ingest() {
     let (status, ct, _) = served.http.get_bytes("/images/sub-foto_1.png/thumbnail");
     assert_eq!((status, ct.as_str()), (200, "image/jpeg"));
 
-    // The server holds the data directory: `index` is refused, clearly.
-    let out = run_index(&data_a, &[imgs.as_os_str()]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another capivara process"));
+    let out = run_index(&place_a, &[imgs.as_os_str()]);
+    match store {
+        // The server holds the data directory: `index` is refused, clearly.
+        Store::DataDir => {
+            assert!(!out.status.success());
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("in use by another capivara process"), "{err}");
+        }
+        // Postgres is shared: a bulk ingest beside a server is fine (the
+        // same ids again: an upsert).
+        Store::Postgres => {
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(report["index_size"], 201);
+            assert_eq!(metric(&served.http.get("/metrics").text, "capivara_index_size"), 201.0);
+        }
+    }
     drop(served);
 
     // A webdataset shard: keys become ids, the sample JSON the metadata.
@@ -980,14 +1016,13 @@ fn bulk_index_equals_http_ingest() {
         add("000002.png", &test_png(2));
         b.finish().unwrap();
     }
-    let data_b = dir.path().join("b");
-    let out = run_index(&data_b, &[shard.as_os_str()]);
+    let out = run_index(&place_b, &[shard.as_os_str()]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let served = ChildServer::spawn(&data_b, &[]);
+    let served = ChildServer::spawn_at(&place_b, &[], &[]);
     let r = served.http.get("/images/000001");
     assert_eq!(r.status, 200);
     assert_eq!(
@@ -1001,11 +1036,11 @@ fn bulk_index_equals_http_ingest() {
     drop(served);
 
     // Bad input: a missing path, a zero batch.
-    let out = run_index(&data_b, &[std::ffi::OsStr::new("/no/such/folder")]);
+    let out = run_index(&place_b, &[std::ffi::OsStr::new("/no/such/folder")]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/folder"));
     let out = run_index(
-        &data_b,
+        &place_b,
         &[
             std::ffi::OsStr::new("--batch-size"),
             std::ffi::OsStr::new("0"),
@@ -1158,5 +1193,81 @@ fn every_route_is_documented_and_every_documented_route_is_served() {
         assert!(doc["paths"].get(*path).is_none(), "{path}");
         let status = s.http.get(path).status;
         assert!(status == 200 || status == 303, "{path}: {status}");
+    }
+}
+
+fn an_index_refuses_another_models_embeddings(store: Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(place) = Place::fresh(store, &dir.path().join("data")) else {
+        return;
+    };
+    let s = TestServer::start_at(&place, |_| {});
+    let body = json!({"images": [{"image": b64(&test_png(4)), "id": "gato"}]});
+    assert_eq!(s.http.post_json("/images", &body).status, 200);
+    s.stop();
+    // Another model on the same index: the start fails, saying why.
+    let other = dir.path().join("other-model");
+    other_tiny_model(&other);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut cfg = capivara::server::ServeConfig::new(
+        other.to_str().unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+        &place.data_dir,
+    );
+    place.apply(&mut cfg);
+    let (server, loaded) = rt.block_on(capivara::server::start(cfg)).unwrap();
+    let err = rt.block_on(loaded).unwrap().unwrap_err().to_string();
+    assert!(
+        err.contains("must not be mixed") && err.contains("other-model"),
+        "{err}"
+    );
+    rt.block_on(server.shutdown()).unwrap();
+    // The same for `capivara index`.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_capivara"))
+        .arg("index")
+        .arg("--model")
+        .arg(&other)
+        .args(place.args())
+        .arg(fixtures().join("images/photo.jpg"))
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must not be mixed"));
+    // The index is untouched and its own model still serves it.
+    let s = TestServer::start_at(&place, |_| {});
+    assert_eq!(s.http.get("/images/gato").status, 200);
+    assert_eq!(metric(&s.http.get("/metrics").text, "capivara_index_size"), 1.0);
+}
+
+fn search_by_vector(store: Store) {
+    let Some(s) = TestServer::start_on(store, |_| {}) else {
+        return;
+    };
+    for i in 0..5u32 {
+        let body = json!({"images": [{"image": b64(&test_png(i)), "id": format!("v{i}")}]});
+        assert_eq!(s.http.post_json("/images", &body).status, 200);
+    }
+    let q = s.http.post_json("/embed/text", &json!({"texts": ["um quadrado"]}));
+    let v = q.json()["embeddings"][0].clone();
+    let by_text = s.http.post_json("/search", &json!({"query": "um quadrado", "k": 5}));
+    // Any norm: the vector is normalised.
+    let scaled: Vec<f32> = floats(&v).iter().map(|x| x * 3.0).collect();
+    let by_vector = s.http.post_json("/search", &json!({"vector": scaled, "k": 5}));
+    assert_eq!(by_vector.status, 200, "{}", by_vector.text);
+    let (a, b) = (by_text.json()["results"].clone(), by_vector.json()["results"].clone());
+    assert_eq!(a.as_array().unwrap().len(), 5);
+    for (x, y) in a.as_array().unwrap().iter().zip(b.as_array().unwrap()) {
+        assert_eq!(x["id"], y["id"]);
+        assert!((x["score"].as_f64().unwrap() - y["score"].as_f64().unwrap()).abs() < 1e-5);
+    }
+    for (bad, code) in [
+        (json!({"vector": [1.0, 2.0], "k": 5}), "invalid_vector"),
+        (json!({"vector": vec![0.0; floats(&v).len()]}), "invalid_vector"),
+        (json!({"vector": floats(&v), "query": "x"}), "invalid_query"),
+        (json!({"vector": "abc"}), "invalid_json"),
+    ] {
+        let r = s.http.post_json("/search", &bad);
+        assert_eq!((r.status, r.error_code().as_str()), (400, code), "{bad}");
     }
 }

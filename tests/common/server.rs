@@ -11,7 +11,77 @@ use std::time::{Duration, Instant};
 use capivara::server::{RunningServer, ServeConfig};
 use serde_json::Value;
 
+use super::postgres::PgServer;
 use super::tiny_dir;
+
+/// Which index backend a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    DataDir,
+    Postgres,
+}
+
+/// One index: a data directory (always there: the lock file lives in it),
+/// and with Postgres a database of the shared test server.
+#[derive(Debug, Clone)]
+pub struct Place {
+    pub data_dir: PathBuf,
+    pub index_url: Option<String>,
+}
+
+impl Place {
+    /// A fresh, empty index on `store` with its data directory under `dir`;
+    /// `None` when Postgres is not available here (and not required: the
+    /// test is then skipped, with a line saying so).
+    pub fn fresh(store: Store, dir: &Path) -> Option<Place> {
+        let index_url = match store {
+            Store::DataDir => None,
+            Store::Postgres => Some(PgServer::shared()?.create_database()),
+        };
+        Some(Place {
+            data_dir: dir.to_path_buf(),
+            index_url,
+        })
+    }
+
+    /// Points a server configuration at this index.
+    pub fn apply(&self, cfg: &mut ServeConfig) {
+        cfg.data_dir = self.data_dir.clone();
+        cfg.index_url = self.index_url.clone();
+    }
+
+    /// The command-line flags for this index.
+    pub fn args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--data-dir".to_string(),
+            self.data_dir.display().to_string(),
+        ];
+        if let Some(u) = &self.index_url {
+            a.extend(["--index-url".to_string(), u.clone()]);
+        }
+        a
+    }
+}
+
+/// Runs a test body once per index backend: `on_each_store!(name, ...)`
+/// makes `name::data_dir` and `name::postgres` tests calling `name(Store)`.
+#[macro_export]
+macro_rules! on_each_store {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn data_dir() {
+                    super::$name(super::Store::DataDir)
+                }
+                #[test]
+                fn postgres() {
+                    super::$name(super::Store::Postgres)
+                }
+            }
+        )*
+    };
+}
 
 pub struct Http {
     pub base: String,
@@ -337,6 +407,24 @@ impl TestServer {
         s
     }
 
+    /// A server on a fresh index of `store` (`None`: Postgres is not
+    /// available here; the caller returns, skipping the test).
+    pub fn start_on(store: Store, configure: impl FnOnce(&mut ServeConfig)) -> Option<Self> {
+        let tmp = tempfile::tempdir().unwrap();
+        let place = Place::fresh(store, tmp.path())?;
+        let mut s = Self::start_at(&place, configure);
+        s._tmp = Some(tmp);
+        Some(s)
+    }
+
+    /// A server on the index `place`.
+    pub fn start_at(place: &Place, configure: impl FnOnce(&mut ServeConfig)) -> Self {
+        Self::start_in(&place.data_dir.clone(), |c| {
+            place.apply(c);
+            configure(c);
+        })
+    }
+
     pub fn start_in(data_dir: &Path, configure: impl FnOnce(&mut ServeConfig)) -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(4)
@@ -398,7 +486,22 @@ impl ChildServer {
         Self::spawn_env(data_dir, extra, &[])
     }
 
+    /// `capivara serve` on the index `place`.
+    pub fn spawn_at(place: &Place, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut args: Vec<String> = place.args();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::spawn_env_args(&args, env)
+    }
+
     pub fn spawn_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let dir = data_dir.display().to_string();
+        let mut args = vec!["--data-dir", dir.as_str()];
+        args.extend_from_slice(extra);
+        Self::spawn_env_args(&args, env)
+    }
+
+    fn spawn_env_args(extra: &[&str], env: &[(&str, &str)]) -> Self {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_capivara"))
@@ -407,8 +510,6 @@ impl ChildServer {
             .arg(tiny_dir())
             .arg("--addr")
             .arg(addr.to_string())
-            .arg("--data-dir")
-            .arg(data_dir)
             .args(extra)
             .env("HF_HUB_OFFLINE", "1")
             .env("RUST_LOG", "warn")
