@@ -143,13 +143,17 @@ fn overload_ten_times_the_queue() {
     assert_eq!(again.status, 200, "the server serves on after the burst");
 }
 
+on_each_store!(kill9_in_a_loop_during_concurrent_ingest);
+
 /// kill -9 at random moments during concurrent ingest and deletes, 20
 /// times: after every restart every acknowledged image is there and
 /// searchable, every acknowledged delete stays deleted, and the log replayed
 /// (the server would refuse to start on a corrupt one).
-#[test]
-fn kill9_in_a_loop_during_concurrent_ingest() {
+fn kill9_in_a_loop_during_concurrent_ingest(store: Store) {
     let dir = tempfile::tempdir().unwrap();
+    let Some(place) = Place::fresh(store, dir.path()) else {
+        return;
+    };
     let kills = 20;
     let mut rng = StdRng::seed_from_u64(7);
     let acked: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -159,7 +163,7 @@ fn kill9_in_a_loop_during_concurrent_ingest() {
     let mut seed = 1000u32;
     let mut writes = 0usize;
     for round in 0..=kills {
-        let server = ChildServer::spawn(dir.path(), &[]);
+        let server = ChildServer::spawn_at(&place, &[], &[]);
         // Everything acknowledged so far survived.
         {
             let acked = acked.lock().unwrap();

@@ -992,10 +992,17 @@ fn bulk_index_equals_http_ingest(store: Store) {
         // Postgres is shared: a bulk ingest beside a server is fine (the
         // same ids again: an upsert).
         Store::Postgres => {
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             let report: Value = serde_json::from_slice(&out.stdout).unwrap();
             assert_eq!(report["index_size"], 201);
-            assert_eq!(metric(&served.http.get("/metrics").text, "capivara_index_size"), 201.0);
+            assert_eq!(
+                metric(&served.http.get("/metrics").text, "capivara_index_size"),
+                201.0
+            );
         }
     }
     drop(served);
@@ -1237,7 +1244,10 @@ fn an_index_refuses_another_models_embeddings(store: Store) {
     // The index is untouched and its own model still serves it.
     let s = TestServer::start_at(&place, |_| {});
     assert_eq!(s.http.get("/images/gato").status, 200);
-    assert_eq!(metric(&s.http.get("/metrics").text, "capivara_index_size"), 1.0);
+    assert_eq!(
+        metric(&s.http.get("/metrics").text, "capivara_index_size"),
+        1.0
+    );
 }
 
 fn search_by_vector(store: Store) {
@@ -1248,14 +1258,23 @@ fn search_by_vector(store: Store) {
         let body = json!({"images": [{"image": b64(&test_png(i)), "id": format!("v{i}")}]});
         assert_eq!(s.http.post_json("/images", &body).status, 200);
     }
-    let q = s.http.post_json("/embed/text", &json!({"texts": ["um quadrado"]}));
+    let q = s
+        .http
+        .post_json("/embed/text", &json!({"texts": ["um quadrado"]}));
     let v = q.json()["embeddings"][0].clone();
-    let by_text = s.http.post_json("/search", &json!({"query": "um quadrado", "k": 5}));
+    let by_text = s
+        .http
+        .post_json("/search", &json!({"query": "um quadrado", "k": 5}));
     // Any norm: the vector is normalised.
     let scaled: Vec<f32> = floats(&v).iter().map(|x| x * 3.0).collect();
-    let by_vector = s.http.post_json("/search", &json!({"vector": scaled, "k": 5}));
+    let by_vector = s
+        .http
+        .post_json("/search", &json!({"vector": scaled, "k": 5}));
     assert_eq!(by_vector.status, 200, "{}", by_vector.text);
-    let (a, b) = (by_text.json()["results"].clone(), by_vector.json()["results"].clone());
+    let (a, b) = (
+        by_text.json()["results"].clone(),
+        by_vector.json()["results"].clone(),
+    );
     assert_eq!(a.as_array().unwrap().len(), 5);
     for (x, y) in a.as_array().unwrap().iter().zip(b.as_array().unwrap()) {
         assert_eq!(x["id"], y["id"]);
@@ -1263,7 +1282,10 @@ fn search_by_vector(store: Store) {
     }
     for (bad, code) in [
         (json!({"vector": [1.0, 2.0], "k": 5}), "invalid_vector"),
-        (json!({"vector": vec![0.0; floats(&v).len()]}), "invalid_vector"),
+        (
+            json!({"vector": vec![0.0; floats(&v).len()]}),
+            "invalid_vector",
+        ),
         (json!({"vector": floats(&v), "query": "x"}), "invalid_query"),
         (json!({"vector": "abc"}), "invalid_json"),
     ] {

@@ -276,6 +276,27 @@ impl PgBackend {
         Ok(Self { storage, ..me })
     }
 
+    /// Connects once and says whether the connection is encrypted (for
+    /// checking a URL's TLS settings; creates nothing).
+    pub async fn probe(url: &PgUrl) -> Result<bool, IndexError> {
+        let (client, conn) = url
+            .config
+            .connect(url.tls.connector())
+            .await
+            .map_err(db_error)?;
+        let task = tokio::spawn(conn);
+        let row = client
+            .query_one(
+                "SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)",
+                &[],
+            )
+            .await
+            .map_err(db_error)?;
+        drop(client);
+        let _ = task.await;
+        Ok(row.get(0))
+    }
+
     /// The fingerprint an existing database records, if any (without
     /// creating anything).
     pub async fn recorded(url: &PgUrl) -> Result<Option<Fingerprint>, IndexError> {
@@ -833,9 +854,11 @@ mod tls {
                     },
                     "require",
                 ),
-                other => return Err(format!(
+                other => {
+                    return Err(format!(
                     "unknown sslmode `{other}` (disable, prefer, require, verify-ca, verify-full)"
-                )),
+                ))
+                }
             };
             kept.push(format!("sslmode={pg_mode}"));
             Ok((format!("{base}?{}", kept.join("&")), mode))

