@@ -198,6 +198,7 @@ pub async fn run(
     );
     let mut report = Report::default();
     let batch = batch.max(1);
+    index.begin_bulk().await?;
     for chunk in files.chunks(batch) {
         ingest_batch(pipeline, index, chunk, &mut report).await?;
         bar.inc(chunk.len() as u64);
@@ -213,6 +214,7 @@ pub async fn run(
             bar.inc(chunk.len() as u64);
         }
     }
+    index.end_bulk().await?;
     bar.finish_and_clear();
     report.seconds = started.elapsed().as_secs_f64();
     report.images_per_second = report.indexed as f64 / report.seconds.max(1e-9);
@@ -352,6 +354,7 @@ pub async fn migrate(
         to: dest.describe(),
         ..MigrateReport::default()
     };
+    dest.begin_bulk().await?;
     let mut after = None;
     loop {
         let page = source.scan(after.clone(), batch.max(1)).await?;
@@ -365,6 +368,8 @@ pub async fn migrate(
         dest.insert(page.into_iter().map(NewImage::from).collect())
             .await?;
     }
+    bar.set_message("building the search index");
+    dest.end_bulk().await?;
     dest.flush().await?;
     bar.finish_and_clear();
     report.seconds = started.elapsed().as_secs_f64();

@@ -76,6 +76,10 @@ struct StoreArgs {
     /// Connections to Postgres per process.
     #[arg(long, env = "CAPIVARA_INDEX_POOL_SIZE", default_value_t = 16)]
     index_pool_size: usize,
+    /// Postgres `maintenance_work_mem` for building the HNSW index, in MiB
+    /// (about 2.5 GiB holds the graph of 1M 512-d vectors).
+    #[arg(long, env = "CAPIVARA_INDEX_BUILD_MEMORY_MB", default_value_t = 1024)]
+    index_build_memory_mb: usize,
 }
 
 #[cfg(feature = "server")]
@@ -112,6 +116,7 @@ impl StoreArgs {
             "--index-pool-size must be at least 1"
         );
         opts.pg.pool_size = self.index_pool_size;
+        opts.pg.build_memory_mb = self.index_build_memory_mb;
         Ok((location, opts))
     }
 }
@@ -247,6 +252,10 @@ struct MigrateArgs {
     /// `vector` or `halfvec`.
     #[arg(long, default_value = "vector")]
     index_storage: String,
+    /// Postgres `maintenance_work_mem` for building the destination's HNSW
+    /// index, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    index_build_memory_mb: usize,
     /// No progress bar.
     #[arg(long)]
     no_progress: bool,
@@ -415,6 +424,7 @@ fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
         .index_storage
         .parse()
         .map_err(|e| anyhow::anyhow!("--index-storage: {e}"))?;
+    opts.pg.build_memory_mb = args.index_build_memory_mb;
     let (from, to) = (from.reserve()?, to.reserve()?);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -349,8 +349,19 @@ fn migrate_round_trips_between_a_data_directory_and_postgres() {
     );
     assert_eq!(r["with_thumbnail"], 30);
     assert!(!r["to"].as_str().unwrap().contains("://"), "{r}");
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let has_hnsw = || {
+        pg.psql_on(
+            &db,
+            "SELECT to_regclass('capivara_images_embedding') IS NOT NULL",
+        )
+    };
+    assert_eq!(has_hnsw().trim(), "t", "built after the bulk copy");
     let r = run(&url, back.to_str().unwrap());
     assert_eq!(r["migrated"], 30);
+    // An interrupted bulk load leaves no index: the next start builds it.
+    pg.psql_on(&db, "DROP INDEX capivara_images_embedding");
+    assert_eq!(has_hnsw().trim(), "f");
 
     // Compare both data directories through the backend interface.
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -387,6 +398,7 @@ fn migrate_round_trips_between_a_data_directory_and_postgres() {
         },
         |_| {},
     );
+    assert_eq!(has_hnsw().trim(), "t", "rebuilt at start");
     let original = TestServer::start_in(&src, |_| {});
     let q = json!({"query": "um quadrado", "k": 10});
     let (x, y) = (

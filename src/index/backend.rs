@@ -147,6 +147,17 @@ pub trait Backend: Send + Sync {
     ) -> Result<Vec<StoredImage>, IndexError>;
     /// Makes anything pending durable (writes already are when acknowledged).
     async fn flush(&self) -> Result<(), IndexError>;
+    /// Many inserts follow (`capivara index`, `migrate`): a store may put
+    /// off its search structure until [`end_bulk`](Self::end_bulk) (Postgres
+    /// drops the HNSW index of an empty table and builds it once at the
+    /// end, instead of row by row). Writes stay durable as they return.
+    async fn begin_bulk(&self) -> Result<(), IndexError> {
+        Ok(())
+    }
+    /// The bulk load is over: build what was put off.
+    async fn end_bulk(&self) -> Result<(), IndexError> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

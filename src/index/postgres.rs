@@ -101,6 +101,9 @@ pub struct PgOptions {
     pub connect_timeout: Duration,
     /// Longest time one operation may take; then `Unavailable`.
     pub operation_timeout: Duration,
+    /// `maintenance_work_mem` of an HNSW build, in MiB (the graph of 1M
+    /// 512-d vectors needs about 2.5 GiB to be built in memory).
+    pub build_memory_mb: usize,
 }
 
 impl Default for PgOptions {
@@ -114,6 +117,7 @@ impl Default for PgOptions {
             pool_size: 16,
             connect_timeout: Duration::from_secs(5),
             operation_timeout: Duration::from_secs(30),
+            build_memory_mb: 1024,
         }
     }
 }
@@ -183,6 +187,8 @@ pub struct PgBackend {
     /// Rows, as last counted (exact vs HNSW search); -1: not yet.
     rows: AtomicI64,
     counted: std::sync::Mutex<Instant>,
+    /// A bulk load dropped the HNSW index, to build it once at the end.
+    deferred: std::sync::atomic::AtomicBool,
 }
 
 /// Whether a database error means "not reachable now".
@@ -271,9 +277,66 @@ impl PgBackend {
             shown: url.shown.clone(),
             rows: AtomicI64::new(-1),
             counted: std::sync::Mutex::new(Instant::now()),
+            deferred: Default::default(),
         };
         let storage = me.timed(me.migrate()).await?;
-        Ok(Self { storage, ..me })
+        let me = Self { storage, ..me };
+        // A bulk load that did not finish left the table without its index.
+        if !me.timed(me.has_hnsw()).await? {
+            tracing::warn!(
+                "{}: the HNSW index is missing (an interrupted bulk load?): building it",
+                me.shown
+            );
+            me.build_hnsw().await?;
+        }
+        Ok(me)
+    }
+
+    async fn has_hnsw(&self) -> Result<bool, IndexError> {
+        let c = self.client().await?;
+        let row = c
+            .query_one(
+                "SELECT to_regclass('capivara_images_embedding') IS NOT NULL",
+                &[],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(row.get(0))
+    }
+
+    /// Builds the HNSW index if it is missing (`CREATE INDEX`, with
+    /// `build_memory_mb` of `maintenance_work_mem`, parallel workers as the
+    /// server allows); one builder at a time (an advisory lock). No
+    /// operation timeout: at a million rows it takes minutes.
+    pub async fn build_hnsw(&self) -> Result<Duration, IndexError> {
+        let started = Instant::now();
+        let c = self.client().await?;
+        c.execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
+            .await
+            .map_err(db_error)?;
+        let sql = format!(
+            "SET maintenance_work_mem = '{mem}MB';
+             CREATE INDEX IF NOT EXISTS capivara_images_embedding ON capivara_images
+                USING hnsw (embedding {ops}) WITH (m = {m}, ef_construction = {ef});
+             RESET maintenance_work_mem;",
+            mem = self.opts.build_memory_mb.max(64),
+            ops = self.storage.ops(),
+            m = self.opts.m.clamp(2, 100),
+            ef = self.opts.ef_construction.max(4),
+        );
+        let built = c.batch_execute(&sql).await.map_err(db_error);
+        let unlocked = c
+            .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY])
+            .await
+            .map_err(db_error);
+        built?;
+        unlocked?;
+        tracing::info!(
+            "{}: HNSW index ready in {:.1?}",
+            self.shown,
+            started.elapsed()
+        );
+        Ok(started.elapsed())
     }
 
     /// Connects once and says whether the connection is encrypted (for
@@ -586,6 +649,29 @@ impl PgBackend {
 
 #[async_trait]
 impl Backend for PgBackend {
+    async fn begin_bulk(&self) -> Result<(), IndexError> {
+        // Only an empty table: replicas serving a populated one keep their
+        // index (without it their searches would scan every row).
+        if self.len().await? == 0 {
+            self.timed(async {
+                let c = self.client().await?;
+                c.batch_execute("DROP INDEX IF EXISTS capivara_images_embedding")
+                    .await
+                    .map_err(db_error)
+            })
+            .await?;
+            self.deferred.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    async fn end_bulk(&self) -> Result<(), IndexError> {
+        if self.deferred.swap(false, Ordering::SeqCst) {
+            self.build_hnsw().await?;
+        }
+        Ok(())
+    }
+
     fn dim(&self) -> usize {
         self.dim
     }
