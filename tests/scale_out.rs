@@ -590,3 +590,54 @@ fn tls_follows_libpq_sslmodes() {
     assert!(probe(format!("{base}?sslmode=require")).unwrap());
     assert!(probe(format!("{base}?sslmode=disable")).is_err());
 }
+
+/// Large batches go through COPY into a staging table, small ones row by
+/// row: both upsert the same way (the last occurrence of an id in a batch
+/// wins) and keep vectors, metadata and thumbnails exactly.
+#[test]
+fn copy_and_row_inserts_store_the_same() {
+    use capivara::index::postgres::{PgBackend, PgOptions, PgUrl, COPY_ABOVE};
+    use capivara::index::{Backend, NewImage};
+    let Some(pg) = PgServer::shared() else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dim = 8;
+    let image = |i: usize, version: u32| NewImage {
+        id: format!("c{:03}", i % 150),
+        vector: (0..dim)
+            .map(|d| ((i * 7 + d * 3) % 11) as f32 + 0.5)
+            .collect(),
+        metadata: json!({"i": i, "version": version}),
+        thumbnail: (i % 3 != 0).then(|| vec![i as u8; 1 + i % 5]),
+    };
+    let (copied, rows) = rt.block_on(async {
+        let mut out = Vec::new();
+        for (batch, version) in [(2 * COPY_ABOVE + 80, 1), (10, 2)] {
+            let b = PgBackend::connect(
+                &PgUrl::parse(&pg.create_database()).unwrap(),
+                dim,
+                PgOptions::default(),
+            )
+            .await
+            .unwrap();
+            // 300 images, ids repeating after 150: every id written twice.
+            let all: Vec<NewImage> = (0..300).map(|i| image(i, version)).collect();
+            for chunk in all.chunks(batch) {
+                b.insert(chunk.to_vec()).await.unwrap();
+            }
+            out.push(b.scan(None, 1000).await.unwrap());
+        }
+        (out.remove(0), out.remove(0))
+    });
+    assert_eq!(copied.len(), 150);
+    assert_eq!(rows.len(), 150);
+    for (c, r) in copied.iter().zip(&rows) {
+        assert_eq!(c.id, r.id);
+        assert_eq!(c.vector, r.vector);
+        assert_eq!(c.thumbnail, r.thumbnail);
+        // The later write of each id won, on both paths.
+        assert_eq!(c.metadata["i"], r.metadata["i"]);
+        assert!(c.metadata["i"].as_u64().unwrap() >= 150, "{}", c.metadata);
+    }
+}

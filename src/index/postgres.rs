@@ -254,6 +254,14 @@ impl PgBackend {
     pub async fn connect(url: &PgUrl, dim: usize, opts: PgOptions) -> Result<Self, IndexError> {
         let mut config = url.config.clone();
         config.connect_timeout(opts.connect_timeout);
+        // Every connection searches with this candidate list unless a query
+        // asks for more (pgvector reads it when it loads).
+        let options = format!(
+            "{} -c hnsw.ef_search={}",
+            config.get_options().unwrap_or(""),
+            opts.ef_search.clamp(1, 1000)
+        );
+        config.options(options.trim());
         let manager = Manager::from_config(
             config,
             url.tls.connector(),
@@ -506,8 +514,15 @@ impl PgBackend {
             self.rows.load(Ordering::Relaxed) < 0 || last.elapsed() > Duration::from_secs(5)
         };
         if stale {
+            // Exact near the threshold; the planner's estimate (no scan)
+            // once the table is well past it.
             let n: i64 = c
-                .query_one("SELECT count(*) FROM capivara_images", &[])
+                .query_one(
+                    "SELECT CASE WHEN c.reltuples > $1 THEN c.reltuples::int8
+                            ELSE (SELECT count(*) FROM capivara_images) END
+                     FROM pg_class c WHERE c.oid = 'capivara_images'::regclass",
+                    &[&(4.0 * self.opts.exact_search_below as f32)],
+                )
                 .await
                 .map_err(db_error)?
                 .get(0);
@@ -548,16 +563,14 @@ impl PgBackend {
         if n >= COPY_ABOVE {
             use tokio_postgres::binary_copy::BinaryCopyInWriter;
             tx.batch_execute(&format!(
-                "CREATE TEMP TABLE capivara_staging (id text COLLATE \"C\", embedding vector({dim}), \
-                 metadata jsonb, thumbnail bytea) ON COMMIT DROP",
+                "CREATE TEMP TABLE capivara_staging (ord int4, id text COLLATE \"C\", \
+                 embedding vector({dim}), metadata jsonb, thumbnail bytea) ON COMMIT DROP",
                 dim = self.dim
             ))
             .await
             .map_err(db_error)?;
-            let sink = tx
-                .copy_in("COPY capivara_staging (id, embedding, metadata, thumbnail) FROM STDIN (FORMAT binary)")
-                .await
-                .map_err(db_error)?;
+            // The vector type's oid, asked before the COPY starts (the
+            // connection takes no other statement during a COPY).
             let vector_type = tx
                 .prepare("SELECT NULL::vector")
                 .await
@@ -565,13 +578,27 @@ impl PgBackend {
                 .columns()[0]
                 .type_()
                 .clone();
+            let sink = tx
+                .copy_in(
+                    "COPY capivara_staging (ord, id, embedding, metadata, thumbnail) \
+                     FROM STDIN (FORMAT binary)",
+                )
+                .await
+                .map_err(db_error)?;
             let mut writer = std::pin::pin!(BinaryCopyInWriter::new(
                 sink,
-                &[Type::TEXT, vector_type, Type::JSONB, Type::BYTEA],
+                &[
+                    Type::INT4,
+                    Type::TEXT,
+                    vector_type,
+                    Type::JSONB,
+                    Type::BYTEA
+                ],
             ));
-            for im in images {
+            for (ord, im) in images.into_iter().enumerate() {
                 let v = Vector::from(im.vector);
-                let row: [&(dyn ToSql + Sync); 4] = [&im.id, &v, &im.metadata, &im.thumbnail];
+                let ord = ord as i32;
+                let row: [&(dyn ToSql + Sync); 5] = [&ord, &im.id, &v, &im.metadata, &im.thumbnail];
                 writer.as_mut().write(&row).await.map_err(db_error)?;
             }
             writer.as_mut().finish().await.map_err(db_error)?;
@@ -580,7 +607,7 @@ impl PgBackend {
                 &format!(
                     "INSERT INTO capivara_images (id, embedding, metadata, thumbnail)
                      SELECT DISTINCT ON (id) id, embedding::{ty}, metadata, thumbnail
-                     FROM capivara_staging ORDER BY id {upsert}"
+                     FROM capivara_staging ORDER BY id, ord DESC {upsert}"
                 ),
                 &[],
             )
@@ -614,19 +641,7 @@ impl PgBackend {
         }
         let mut c = self.client().await?;
         let exact = self.rows(&c).await? <= self.opts.exact_search_below as i64;
-        let tx = c.transaction().await.map_err(db_error)?;
-        if exact {
-            tx.batch_execute("SET LOCAL enable_indexscan = off")
-                .await
-                .map_err(db_error)?;
-        } else {
-            tx.batch_execute(&format!(
-                "SET LOCAL hnsw.ef_search = {}",
-                self.opts.ef_search.max(k).min(1000)
-            ))
-            .await
-            .map_err(db_error)?;
-        }
+        let ef = self.opts.ef_search.max(k).min(1000);
         let sql = format!(
             "SELECT id, metadata, score FROM (
                 SELECT id, metadata, -(embedding <#> {q}) AS score
@@ -634,8 +649,24 @@ impl PgBackend {
              ORDER BY score DESC, id",
             q = self.cast()
         );
-        let rows = tx.query(&sql, &[&q, &(k as i64)]).await.map_err(db_error)?;
-        tx.commit().await.map_err(db_error)?;
+        let params: [&(dyn ToSql + Sync); 2] = [&q, &(k as i64)];
+        let rows = if !exact && ef == self.opts.ef_search {
+            // The common case in one round trip: the connection's own
+            // hnsw.ef_search (set when it was opened) and a cached statement.
+            let stmt = c.prepare_cached(&sql).await.map_err(db_error)?;
+            c.query(&stmt, &params).await.map_err(db_error)?
+        } else {
+            let tx = c.transaction().await.map_err(db_error)?;
+            let setting = if exact {
+                "SET LOCAL enable_indexscan = off".to_string()
+            } else {
+                format!("SET LOCAL hnsw.ef_search = {ef}")
+            };
+            tx.batch_execute(&setting).await.map_err(db_error)?;
+            let rows = tx.query(&sql, &params).await.map_err(db_error)?;
+            tx.commit().await.map_err(db_error)?;
+            rows
+        };
         Ok(rows
             .into_iter()
             .map(|r| Hit {
