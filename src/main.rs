@@ -66,7 +66,7 @@ struct StoreArgs {
     #[arg(long, env = "CAPIVARA_HNSW_EF_CONSTRUCTION")]
     hnsw_ef_construction: Option<usize>,
     /// HNSW candidate list while searching, at least k (default: 128
-    /// embedded, 100 Postgres).
+    /// embedded, 200 Postgres).
     #[arg(long, env = "CAPIVARA_HNSW_EF_SEARCH")]
     hnsw_ef_search: Option<usize>,
     /// Postgres column type of a new index: `vector` (4 bytes a dimension)

@@ -14,7 +14,9 @@
 //! ```
 //!
 //! It prints a table for README and writes `target/index-scale.json`.
-//! `CAPIVARA_SCALE_N` defaults to 100,000; `CAPIVARA_SCALE_QUERIES` to 1,000.
+//! `CAPIVARA_SCALE_N` defaults to 100,000; `CAPIVARA_SCALE_QUERIES` to 1,000;
+//! `CAPIVARA_SCALE_BACKENDS` (comma separated: `embedded`, `postgres`,
+//! `halfvec`) to all three.
 
 mod common;
 
@@ -146,7 +148,7 @@ async fn ingest(index: &dyn Backend, base: &[f32], batch: usize) -> f64 {
             })
             .collect();
         index.insert(images).await.unwrap();
-        if (start / batch) % 100 == 0 {
+        if (start / batch).is_multiple_of(100) {
             eprintln!("  {start}/{n} in {:.0?}", started.elapsed());
         }
     }
@@ -271,36 +273,44 @@ fn index_at_scale_embedded_vs_postgres() {
     let mut report = json!({"n": n, "queries": nq, "dim": DIM, "k": K});
     let mut rows: Vec<SearchRow> = Vec::new();
     let levels = [1usize, 8, 32];
+    let wanted = std::env::var("CAPIVARA_SCALE_BACKENDS")
+        .unwrap_or_else(|_| "embedded,postgres,halfvec".into());
+    let wanted: Vec<&str> = wanted.split(',').map(str::trim).collect();
 
     // --- embedded -------------------------------------------------------
     let data = dir.path().join("data");
-    let rate = rt.block_on(async {
-        let d = capivara::datadir::DataDir::open(&data, DIM, HnswParams::default()).unwrap();
-        d.begin_bulk().await.unwrap();
-        let rate = ingest(&d, &base, 1000).await;
-        d.end_bulk().await.unwrap();
-        d.flush().await.unwrap();
-        rate
-    });
-    report["embedded"] = json!({"ingest_per_second": rate, "bytes_on_disk": dir_bytes(&data)});
-    eprintln!("embedded: {rate:.0} vectors/s, {} bytes", dir_bytes(&data));
-    {
-        let s = TestServer::start_in(&data, |c| c.model = model.display().to_string());
-        report["embedded"]["open_and_serve_seconds"] = json!(0);
-        for &c in &levels {
-            let row = search("embedded", &s.http, &queries, &truth, c);
-            eprintln!("{row:?}");
-            rows.push(row);
+    if wanted.contains(&"embedded") {
+        let rate = rt.block_on(async {
+            let d = capivara::datadir::DataDir::open(&data, DIM, HnswParams::default()).unwrap();
+            d.begin_bulk().await.unwrap();
+            let rate = ingest(&d, &base, 1000).await;
+            d.end_bulk().await.unwrap();
+            d.flush().await.unwrap();
+            rate
+        });
+        report["embedded"] = json!({"ingest_per_second": rate, "bytes_on_disk": dir_bytes(&data)});
+        eprintln!("embedded: {rate:.0} vectors/s, {} bytes", dir_bytes(&data));
+        {
+            let s = TestServer::start_in(&data, |c| c.model = model.display().to_string());
+            report["embedded"]["open_and_serve_seconds"] = json!(0);
+            for &c in &levels {
+                let row = search("embedded", &s.http, &queries, &truth, c);
+                eprintln!("{row:?}");
+                rows.push(row);
+            }
+            s.stop();
         }
-        s.stop();
     }
 
     // --- Postgres: vector, then halfvec ----------------------------------
     for storage in [Storage::Vector, Storage::Halfvec] {
-        let name = match storage {
-            Storage::Vector => "postgres",
-            Storage::Halfvec => "postgres-halfvec",
+        let (name, key) = match storage {
+            Storage::Vector => ("postgres", "postgres"),
+            Storage::Halfvec => ("postgres-halfvec", "halfvec"),
         };
+        if !wanted.contains(&key) {
+            continue;
+        }
         let url = pg.create_database();
         let db = url.rsplit('/').next().unwrap().to_string();
         let opts = PgOptions {
@@ -336,7 +346,7 @@ fn index_at_scale_embedded_vs_postgres() {
             index_url: Some(url.clone()),
         };
         // ef_search sweep at concurrency 1, then the default at each level.
-        for ef in [40usize, 100, 200] {
+        for ef in [40usize, 100, 200, 400] {
             let s = TestServer::start_at(&place, |c| {
                 c.model = model.display().to_string();
                 c.pg.ef_search = ef;

@@ -609,7 +609,7 @@ fn copy_and_row_inserts_store_the_same() {
             .map(|d| ((i * 7 + d * 3) % 11) as f32 + 0.5)
             .collect(),
         metadata: json!({"i": i, "version": version}),
-        thumbnail: (i % 3 != 0).then(|| vec![i as u8; 1 + i % 5]),
+        thumbnail: (!i.is_multiple_of(3)).then(|| vec![i as u8; 1 + i % 5]),
     };
     let (copied, rows) = rt.block_on(async {
         let mut out = Vec::new();

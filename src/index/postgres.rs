@@ -111,7 +111,7 @@ impl Default for PgOptions {
         Self {
             m: 16,
             ef_construction: 64,
-            ef_search: 100,
+            ef_search: 200,
             storage: Storage::Vector,
             exact_search_below: 10_000,
             pool_size: 16,
@@ -481,6 +481,10 @@ impl PgBackend {
                     thumbnail bytea,
                     created_at timestamptz NOT NULL DEFAULT now(),
                     updated_at timestamptz NOT NULL DEFAULT now());
+                 -- In the row, not TOAST: a 512-d f32 vector is just over
+                 -- TOAST's 2 kB threshold, and moving it out of line costs
+                 -- every write and every fetch.
+                 ALTER TABLE capivara_images ALTER COLUMN embedding SET STORAGE PLAIN;
                  CREATE INDEX IF NOT EXISTS capivara_images_embedding ON capivara_images
                     USING hnsw (embedding {ops}) WITH (m = {m}, ef_construction = {ef});",
                 dim = self.dim,
@@ -562,6 +566,10 @@ impl PgBackend {
         let ty = self.storage.sql_type();
         if n >= COPY_ABOVE {
             use tokio_postgres::binary_copy::BinaryCopyInWriter;
+            let unique = {
+                let mut seen = std::collections::HashSet::with_capacity(n);
+                images.iter().all(|im| seen.insert(im.id.as_str()))
+            };
             tx.batch_execute(&format!(
                 "CREATE TEMP TABLE capivara_staging (ord int4, id text COLLATE \"C\", \
                  embedding vector({dim}), metadata jsonb, thumbnail bytea) ON COMMIT DROP",
@@ -602,12 +610,19 @@ impl PgBackend {
                 writer.as_mut().write(&row).await.map_err(db_error)?;
             }
             writer.as_mut().finish().await.map_err(db_error)?;
-            // Last writer wins within the batch too: one row per id.
+            // Last writer wins within the batch too: one row per id (the
+            // sort only when an id repeats).
+            let pick = if unique {
+                "SELECT id"
+            } else {
+                "SELECT DISTINCT ON (id) id"
+            };
+            let order = if unique { "" } else { "ORDER BY id, ord DESC" };
             tx.execute(
                 &format!(
                     "INSERT INTO capivara_images (id, embedding, metadata, thumbnail)
-                     SELECT DISTINCT ON (id) id, embedding::{ty}, metadata, thumbnail
-                     FROM capivara_staging ORDER BY id, ord DESC {upsert}"
+                     {pick}, embedding::{ty}, metadata, thumbnail
+                     FROM capivara_staging {order} {upsert}"
                 ),
                 &[],
             )
