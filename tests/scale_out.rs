@@ -630,6 +630,30 @@ fn copy_and_row_inserts_store_the_same() {
         }
         (out.remove(0), out.remove(0))
     });
+    // A bulk load into an empty table copies straight into it; a batch
+    // meeting ids already there falls back to the upsert, whole.
+    let bulk = rt.block_on(async {
+        let b = PgBackend::connect(
+            &PgUrl::parse(&pg.create_database()).unwrap(),
+            dim,
+            PgOptions::default(),
+        )
+        .await
+        .unwrap();
+        b.begin_bulk().await.unwrap();
+        let first: Vec<NewImage> = (0..100).map(|i| image(i, 1)).collect();
+        b.insert(first).await.unwrap();
+        let second: Vec<NewImage> = (50..150).map(|i| image(i + 150, 2)).collect();
+        b.insert(second).await.unwrap();
+        b.end_bulk().await.unwrap();
+        b.scan(None, 1000).await.unwrap()
+    });
+    assert_eq!(bulk.len(), 150);
+    for im in &bulk {
+        let n: usize = im.id[1..].parse().unwrap();
+        let version = if n >= 50 { 2 } else { 1 };
+        assert_eq!(im.metadata["version"], version, "{}", im.id);
+    }
     assert_eq!(copied.len(), 150);
     assert_eq!(rows.len(), 150);
     for (c, r) in copied.iter().zip(&rows) {

@@ -556,6 +556,71 @@ impl PgBackend {
             .collect()
     }
 
+    /// The oid-bearing type of `sql_type` (`vector`, `halfvec`), asked
+    /// before a COPY starts (the connection takes no other statement during
+    /// one).
+    async fn pg_type(
+        tx: &deadpool_postgres::Transaction<'_>,
+        sql_type: &str,
+    ) -> Result<Type, IndexError> {
+        Ok(tx
+            .prepare(&format!("SELECT NULL::{sql_type}"))
+            .await
+            .map_err(db_error)?
+            .columns()[0]
+            .type_()
+            .clone())
+    }
+
+    /// Binary COPY of `images` into `target` (`table (columns)`): `ord`
+    /// first when `with_ord`, the embedding as `vector` or as the table's
+    /// storage type.
+    async fn copy_rows(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        target: &str,
+        images: &[NewImage],
+        with_ord: bool,
+        storage: Storage,
+    ) -> Result<(), IndexError> {
+        use tokio_postgres::binary_copy::BinaryCopyInWriter;
+        let embedding = Self::pg_type(tx, storage.sql_type()).await?;
+        let mut types = vec![Type::TEXT, embedding, Type::JSONB, Type::BYTEA];
+        if with_ord {
+            types.insert(0, Type::INT4);
+        }
+        let sink = tx
+            .copy_in(&format!("COPY {target} FROM STDIN (FORMAT binary)"))
+            .await
+            .map_err(db_error)?;
+        let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &types));
+        for (ord, im) in images.iter().enumerate() {
+            let ord = ord as i32;
+            let (v, h);
+            let emb: &(dyn ToSql + Sync) = match storage {
+                Storage::Vector => {
+                    v = Vector::from(im.vector.clone());
+                    &v
+                }
+                Storage::Halfvec => {
+                    h = pgvector::HalfVector::from_f32_slice(&im.vector);
+                    &h
+                }
+            };
+            let fields: [&(dyn ToSql + Sync); 4] = [&im.id, emb, &im.metadata, &im.thumbnail];
+            let row: Vec<&(dyn ToSql + Sync)> = if with_ord {
+                std::iter::once(&ord as &(dyn ToSql + Sync))
+                    .chain(fields)
+                    .collect()
+            } else {
+                fields.to_vec()
+            };
+            writer.as_mut().write(&row).await.map_err(db_error)?;
+        }
+        writer.as_mut().finish().await.map_err(db_error)?;
+        Ok(())
+    }
+
     async fn insert_rows(&self, images: Vec<NewImage>) -> Result<(), IndexError> {
         let n = images.len();
         let mut c = self.client().await?;
@@ -565,69 +630,60 @@ impl PgBackend {
                       updated_at = now()";
         let ty = self.storage.sql_type();
         if n >= COPY_ABOVE {
-            use tokio_postgres::binary_copy::BinaryCopyInWriter;
             let unique = {
                 let mut seen = std::collections::HashSet::with_capacity(n);
                 images.iter().all(|im| seen.insert(im.id.as_str()))
             };
-            tx.batch_execute(&format!(
-                "CREATE TEMP TABLE capivara_staging (ord int4, id text COLLATE \"C\", \
-                 embedding vector({dim}), metadata jsonb, thumbnail bytea) ON COMMIT DROP",
-                dim = self.dim
-            ))
-            .await
-            .map_err(db_error)?;
-            // The vector type's oid, asked before the COPY starts (the
-            // connection takes no other statement during a COPY).
-            let vector_type = tx
-                .prepare("SELECT NULL::vector")
+            // A bulk load into what was an empty table: straight into the
+            // table (no staging, no upsert), unless an id is there already.
+            let mut done = false;
+            if unique && self.deferred.load(Ordering::SeqCst) {
+                tx.batch_execute("SAVEPOINT capivara_direct")
+                    .await
+                    .map_err(db_error)?;
+                let target = "capivara_images (id, embedding, metadata, thumbnail)";
+                match self
+                    .copy_rows(&tx, target, &images, false, self.storage)
+                    .await
+                {
+                    Ok(()) => done = true,
+                    Err(_) => tx
+                        .batch_execute("ROLLBACK TO SAVEPOINT capivara_direct")
+                        .await
+                        .map_err(db_error)?,
+                }
+            }
+            if !done {
+                tx.batch_execute(&format!(
+                    "CREATE TEMP TABLE IF NOT EXISTS capivara_staging (ord int4, \
+                     id text COLLATE \"C\", embedding vector({dim}), metadata jsonb, \
+                     thumbnail bytea) ON COMMIT DROP",
+                    dim = self.dim
+                ))
                 .await
-                .map_err(db_error)?
-                .columns()[0]
-                .type_()
-                .clone();
-            let sink = tx
-                .copy_in(
-                    "COPY capivara_staging (ord, id, embedding, metadata, thumbnail) \
-                     FROM STDIN (FORMAT binary)",
+                .map_err(db_error)?;
+                let target = "capivara_staging (ord, id, embedding, metadata, thumbnail)";
+                self.copy_rows(&tx, target, &images, true, Storage::Vector)
+                    .await?;
+                // Last writer wins within the batch too: one row per id (the
+                // sort only when an id repeats).
+                let pick = if unique {
+                    "SELECT id"
+                } else {
+                    "SELECT DISTINCT ON (id) id"
+                };
+                let order = if unique { "" } else { "ORDER BY id, ord DESC" };
+                tx.execute(
+                    &format!(
+                        "INSERT INTO capivara_images (id, embedding, metadata, thumbnail)
+                         {pick}, embedding::{ty}, metadata, thumbnail
+                         FROM capivara_staging {order} {upsert}"
+                    ),
+                    &[],
                 )
                 .await
                 .map_err(db_error)?;
-            let mut writer = std::pin::pin!(BinaryCopyInWriter::new(
-                sink,
-                &[
-                    Type::INT4,
-                    Type::TEXT,
-                    vector_type,
-                    Type::JSONB,
-                    Type::BYTEA
-                ],
-            ));
-            for (ord, im) in images.into_iter().enumerate() {
-                let v = Vector::from(im.vector);
-                let ord = ord as i32;
-                let row: [&(dyn ToSql + Sync); 5] = [&ord, &im.id, &v, &im.metadata, &im.thumbnail];
-                writer.as_mut().write(&row).await.map_err(db_error)?;
             }
-            writer.as_mut().finish().await.map_err(db_error)?;
-            // Last writer wins within the batch too: one row per id (the
-            // sort only when an id repeats).
-            let pick = if unique {
-                "SELECT id"
-            } else {
-                "SELECT DISTINCT ON (id) id"
-            };
-            let order = if unique { "" } else { "ORDER BY id, ord DESC" };
-            tx.execute(
-                &format!(
-                    "INSERT INTO capivara_images (id, embedding, metadata, thumbnail)
-                     {pick}, embedding::{ty}, metadata, thumbnail
-                     FROM capivara_staging {order} {upsert}"
-                ),
-                &[],
-            )
-            .await
-            .map_err(db_error)?;
         } else {
             let stmt = tx
                 .prepare(&format!(

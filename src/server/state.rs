@@ -206,9 +206,14 @@ impl AppState {
             anyhow::Ok((pipeline, fingerprint))
         })
         .await??;
+        let mut pg = cfg.pg.clone();
+        // A request that waits on the database answers 503 before its own
+        // time limit would answer 408.
+        pg.operation_timeout = pg.operation_timeout.min(cfg.request_timeout.mul_f64(0.8));
+        pg.connect_timeout = pg.connect_timeout.min(pg.operation_timeout);
         let opts = OpenOptions {
             hnsw: cfg.hnsw.clone(),
-            pg: cfg.pg.clone(),
+            pg,
             wait: true,
         };
         let index = place
