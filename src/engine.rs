@@ -133,17 +133,18 @@ impl EngineError {
 
 /// Observes the batchers (implemented by the server's Prometheus metrics).
 pub trait EngineObserver: Send + Sync {
-    /// A forward pass of `items` items (`tokens` padded tokens for texts)
-    /// took `seconds`.
-    fn batch(&self, tower: &'static str, items: usize, tokens: usize, seconds: f64);
-    /// The queue of `tower` now holds `depth` requests not yet started.
-    fn queue_depth(&self, tower: &'static str, depth: usize);
+    /// A forward pass of `model`'s `tower` over `items` items (`tokens`
+    /// padded tokens for texts) took `seconds`.
+    fn batch(&self, model: &str, tower: &'static str, items: usize, tokens: usize, seconds: f64);
+    /// The queue of `model`'s `tower` now holds `depth` requests not yet
+    /// started.
+    fn queue_depth(&self, model: &str, tower: &'static str, depth: usize);
 }
 
 struct NoObserver;
 impl EngineObserver for NoObserver {
-    fn batch(&self, _: &'static str, _: usize, _: usize, _: f64) {}
-    fn queue_depth(&self, _: &'static str, _: usize) {}
+    fn batch(&self, _: &str, _: &'static str, _: usize, _: usize, _: f64) {}
+    fn queue_depth(&self, _: &str, _: &'static str, _: usize) {}
 }
 
 /// The rows of one request, with where its time went.
@@ -193,8 +194,13 @@ pub struct Batcher<T> {
 }
 
 impl<T: Send + 'static> Batcher<T> {
-    /// Starts the tower's thread with a queue of `capacity` requests.
-    pub fn start(tower: Tower<T>, capacity: usize, observer: Arc<dyn EngineObserver>) -> Self {
+    /// Starts `model`'s tower thread with a queue of `capacity` requests.
+    pub fn start(
+        model: &str,
+        tower: Tower<T>,
+        capacity: usize,
+        observer: Arc<dyn EngineObserver>,
+    ) -> Self {
         let (tx, rx) = mpsc::sync_channel::<Job<T>>(capacity.max(1));
         let depth = Arc::new(AtomicUsize::new(0));
         let name = tower.name;
@@ -206,6 +212,7 @@ impl<T: Send + 'static> Batcher<T> {
             ..
         } = tower;
         let worker = Worker {
+            model: model.into(),
             name,
             policy,
             cost,
@@ -323,6 +330,7 @@ struct Open {
 /// The batching thread's state: items waiting in arrival order, and the
 /// requests they belong to.
 struct Worker<T> {
+    model: Arc<str>,
     name: &'static str,
     policy: BatchPolicy,
     cost: fn(&T) -> usize,
@@ -401,7 +409,7 @@ impl<T> Worker<T> {
     /// A request leaves the queue count when it starts or ends unstarted.
     fn leave_queue(&self) {
         let d = self.depth.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
-        self.observer.queue_depth(self.name, d);
+        self.observer.queue_depth(&self.model, self.name, d);
     }
 
     /// Requests whose caller went away need no work.
@@ -476,6 +484,7 @@ impl<T> Worker<T> {
         let started = Instant::now();
         let out = (self.run)(items);
         self.observer.batch(
+            &self.model,
             self.name,
             items.len(),
             tokens,
@@ -591,7 +600,9 @@ fn image_tower(p: &Arc<Pipeline>, policy: BatchPolicy) -> Tower<Vec<f32>> {
 }
 
 impl Embedder {
+    /// The model `name` (as metrics label it) behind its two batchers.
     pub fn new(
+        name: &str,
         pipeline: Pipeline,
         cfg: EngineConfig,
         observer: Option<Arc<dyn EngineObserver>>,
@@ -599,11 +610,13 @@ impl Embedder {
         let pipeline = Arc::new(pipeline);
         let observer = observer.unwrap_or_else(|| Arc::new(NoObserver));
         let text = Batcher::start(
+            name,
             text_tower(&pipeline, cfg.text),
             cfg.queue_capacity,
             observer.clone(),
         );
         let image = Batcher::start(
+            name,
             image_tower(&pipeline, cfg.image),
             cfg.queue_capacity,
             observer,
@@ -660,8 +673,18 @@ impl Embedder {
 
     /// Normalised text embeddings, batched with other requests.
     pub async fn embed_texts(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, EngineError> {
+        Ok(self.embed_texts_counted(texts).await?.0)
+    }
+
+    /// [`embed_texts`](Self::embed_texts) and the number of tokens embedded
+    /// (`<s>` and `</s>` included, padding not).
+    pub async fn embed_texts_counted(
+        &self,
+        texts: Vec<String>,
+    ) -> Result<(Vec<Vec<f32>>, usize), EngineError> {
         let ids = self.tokenize(texts).await?;
-        Ok(self.text.submit(ids).await?.rows)
+        let tokens = ids.iter().map(Vec::len).sum();
+        Ok((self.text.submit(ids).await?.rows, tokens))
     }
 
     /// Normalised embeddings of preprocessed images, batched with other requests.
@@ -781,7 +804,7 @@ mod tests {
                 Ok(xs.iter().map(|&x| vec![x as f32]).collect())
             }),
         };
-        Batcher::start(tower, 64, Arc::new(NoObserver))
+        Batcher::start("numbers", tower, 64, Arc::new(NoObserver))
     }
 
     fn rows(r: &Result<Embedded, EngineError>) -> Vec<f32> {

@@ -24,7 +24,7 @@ struct Cli {
 enum Command {
     /// Serve zero-shot classification and image search over HTTP.
     #[cfg(feature = "server")]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print L2-normalised embeddings of texts and images as one JSON object.
     Embed(EmbedArgs),
     /// Measure the towers' throughput in this process (after a warm-up) and
@@ -124,9 +124,11 @@ impl StoreArgs {
 /// The model flags every command shares, and their one loader.
 #[derive(clap::Args)]
 struct ModelArgs {
-    /// Model: a local directory or a Hugging Face repo id.
-    #[arg(long, env = "CAPIVARA_MODEL", default_value = DEFAULT_MODEL)]
-    model: String,
+    /// Model: a local directory or a Hugging Face repo id. `capivara serve`
+    /// takes several (repeat the flag, or separate with commas in the env
+    /// var), each `NAME=DIR_OR_HUB_ID` or bare; the first is the default.
+    #[arg(long, env = "CAPIVARA_MODEL", default_value = DEFAULT_MODEL, value_delimiter = ',')]
+    model: Vec<String>,
     /// cpu, cuda or cuda:N.
     #[arg(long, env = "CAPIVARA_DEVICE", default_value = "cpu")]
     device: String,
@@ -143,7 +145,10 @@ struct ModelArgs {
 
 /// What the model flags say, checked.
 struct ModelChoice {
+    /// The first `--model` (the only one outside `serve`).
     model: String,
+    /// Every `--model`.
+    all: Vec<String>,
     device: candle_core::Device,
     dtype: candle_core::DType,
     quantization: capivara::model::Quantization,
@@ -152,8 +157,16 @@ struct ModelChoice {
 impl ModelArgs {
     /// Checks the flags (before any slow work).
     fn parse(&self) -> anyhow::Result<ModelChoice> {
+        let all: Vec<String> = self
+            .model
+            .iter()
+            .map(|m| m.trim().to_string())
+            .filter(|m| !m.is_empty())
+            .collect();
+        anyhow::ensure!(!all.is_empty(), "--model: no model given");
         Ok(ModelChoice {
-            model: self.model.clone(),
+            model: all[0].clone(),
+            all,
             device: capivara::parse_device(&self.device)?,
             dtype: capivara::parse_dtype(&self.dtype)?,
             quantization: self.quantize.parse()?,
@@ -162,9 +175,20 @@ impl ModelArgs {
 }
 
 impl ModelChoice {
+    /// The one model of a command that takes one.
+    fn single(&self) -> anyhow::Result<&str> {
+        anyhow::ensure!(
+            self.all.len() == 1,
+            "--model: this command takes one model (several are for `capivara serve`)"
+        );
+        let m = self.model.as_str();
+        Ok(m.split_once('=').map(|(_, src)| src).unwrap_or(m))
+    }
+
     fn load(&self) -> anyhow::Result<Pipeline> {
+        let model = self.single()?;
         Ok(Pipeline::load_with(
-            &self.model,
+            model,
             &self.device,
             self.dtype,
             self.quantization,
@@ -180,6 +204,15 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "CAPIVARA_ADDR", default_value = "127.0.0.1:8080")]
     addr: std::net::SocketAddr,
+    /// The model whose embeddings the index holds (a --model name; default:
+    /// the first).
+    #[arg(long, env = "CAPIVARA_INDEX_MODEL")]
+    index_model: Option<String>,
+    /// The model that embeds /search text queries (a --model name sharing the
+    /// index model's image tower, e.g. a distilled student; default: the
+    /// index model).
+    #[arg(long, env = "CAPIVARA_QUERY_MODEL")]
+    query_model: Option<String>,
     #[command(flatten)]
     store: StoreArgs,
     /// Most texts or images in one forward pass.
@@ -204,6 +237,22 @@ struct ServeArgs {
     /// When set, POST /images and DELETE /images/{id} need `Authorization: Bearer <key>`.
     #[arg(long, env = "CAPIVARA_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// With --api-key: every request needs the key, reads too (/classify,
+    /// /search, /embed/*, /v1/*...); /healthz, /readyz and the page's files
+    /// stay open.
+    #[arg(long, env = "CAPIVARA_API_KEY_READS")]
+    api_key_reads: bool,
+    /// Let image fields take `http(s)://` URLs, fetched by the server (never
+    /// from private, loopback, link-local or metadata addresses).
+    #[arg(long, env = "CAPIVARA_ALLOW_IMAGE_URLS")]
+    allow_image_urls: bool,
+    /// Hosts image URLs may reach although they are not public: names,
+    /// addresses or networks (`fotos.internal,10.0.0.0/8`), comma separated.
+    #[arg(long, env = "CAPIVARA_IMAGE_URL_ALLOW_HOSTS", value_delimiter = ',')]
+    image_url_allow_hosts: Vec<String>,
+    /// Longest time, in seconds, to fetch one image URL.
+    #[arg(long, env = "CAPIVARA_IMAGE_URL_TIMEOUT_SECS", default_value_t = 15.0)]
+    image_url_timeout_secs: f64,
     /// Prompt templates, one per line with `{}` for the label (default: Portuguese set).
     #[arg(long, env = "CAPIVARA_TEMPLATES")]
     templates: Option<PathBuf>,
@@ -487,6 +536,37 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let choice = args.model.parse()?;
     let (location, store) = args.store.parse()?;
     let mut cfg = ServeConfig::new(&choice.model, args.addr, &args.store.data_dir);
+    cfg.models = choice
+        .all
+        .iter()
+        .map(|m| capivara::server::ModelSpec::parse(m))
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("--model {e}"))?;
+    cfg.index_model = args.index_model.clone();
+    cfg.query_model = args.query_model.clone();
+    cfg.api_key_reads = args.api_key_reads;
+    anyhow::ensure!(
+        !args.api_key_reads || args.api_key.as_deref().is_some_and(|k| !k.is_empty()),
+        "--api-key-reads needs --api-key"
+    );
+    cfg.urls.enabled = args.allow_image_urls;
+    cfg.urls.allow_hosts = args
+        .image_url_allow_hosts
+        .iter()
+        .filter(|h| !h.trim().is_empty())
+        .map(|h| h.parse())
+        .collect::<Result<_, String>>()
+        .map_err(|e| anyhow::anyhow!("--image-url-allow-hosts: {e}"))?;
+    anyhow::ensure!(
+        cfg.urls.enabled || cfg.urls.allow_hosts.is_empty(),
+        "--image-url-allow-hosts only matters with --allow-image-urls"
+    );
+    anyhow::ensure!(
+        args.image_url_timeout_secs > 0.0 && args.image_url_timeout_secs.is_finite(),
+        "--image-url-timeout-secs must be a positive number of seconds"
+    );
+    cfg.urls.timeout = std::time::Duration::from_secs_f64(args.image_url_timeout_secs);
+    cfg.urls.connect_timeout = cfg.urls.connect_timeout.min(cfg.urls.timeout);
     if let capivara::store::Location::Postgres(_) = location {
         cfg.index_url = args.store.index_url.clone();
     }
@@ -558,7 +638,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         #[cfg(feature = "server")]
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Embed(args) => embed(args),
         Command::Bench(args) => bench(args),
         #[cfg(feature = "server")]

@@ -14,6 +14,8 @@ use std::time::Duration;
 /// A stage of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Stage {
+    /// Fetching images given as URLs.
+    Fetch,
     /// Image bytes -> pixels (decode, resample, normalise, thumbnail).
     Decode,
     /// Texts -> token ids.
@@ -30,6 +32,7 @@ impl Stage {
     /// `decode`, `tokenize`, `image-queue`, `text-inference`...
     pub fn name(&self) -> String {
         match self {
+            Stage::Fetch => "fetch".into(),
             Stage::Decode => "decode".into(),
             Stage::Tokenize => "tokenize".into(),
             Stage::Queue(tower) => format!("{tower}-queue"),
@@ -42,6 +45,7 @@ impl Stage {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Timings {
     stages: Vec<(Stage, Duration)>,
+    model: Option<String>,
 }
 
 impl Timings {
@@ -50,6 +54,11 @@ impl Timings {
             Some((_, total)) => *total += d,
             None => self.stages.push((stage, d)),
         }
+    }
+
+    /// The model the request used, if it named or defaulted to one.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
     }
 
     /// Stages in the order they were first recorded.
@@ -95,6 +104,11 @@ pub async fn scope<F: Future>(fut: F) -> (F::Output, Timings) {
 /// Adds `d` to `stage` in the current task's scope, if it has one.
 pub fn record(stage: Stage, d: Duration) {
     let _ = TIMINGS.try_with(|t| t.borrow_mut().add(stage, d));
+}
+
+/// Says which model the current request uses (metrics label by it).
+pub fn set_model(name: &str) {
+    let _ = TIMINGS.try_with(|t| t.borrow_mut().model = Some(name.to_string()));
 }
 
 /// Times an awaited piece of work as `stage`.

@@ -29,7 +29,11 @@ const ERRORS = {
 };
 
 /** Calls the API; resolves to the JSON body or throws an Error in Portuguese. */
-async function api(path, options) {
+async function api(path, options = {}) {
+  // The key, when given, goes with every call (a server started with
+  // --api-key-reads wants it for reads too).
+  const key = $("api-key")?.value.trim();
+  if (key) options = { ...options, headers: { Authorization: `Bearer ${key}`, ...(options.headers || {}) } };
   let res;
   try {
     res = await fetch(path, options);
@@ -98,11 +102,28 @@ async function pollReady() {
   try {
     const res = await fetch("/readyz", { cache: "no-store" });
     state = res.ok ? "ok" : "wait";
+    if (res.ok) showModels(await res.json());
   } catch { /* stays "down" */ }
   const text = { ok: "pronto", wait: "carregando o modelo…", down: "servidor indisponível" };
   box.dataset.state = state;
   $("ready-text").textContent = text[state];
   setTimeout(pollReady, state === "ok" ? 15000 : 2000);
+}
+
+/** With more than one model loaded, a selector for the one that classifies. */
+function showModels(ready) {
+  const names = Object.keys(ready.models || {});
+  const select = $("model");
+  if (names.length < 2 || select.options.length) return;
+  for (const name of names) {
+    const option = el("option", { value: name, text: name });
+    if (name === ready.default_model) {
+      option.selected = true;
+      option.textContent = `${name} (padrão)`;
+    }
+    select.append(option);
+  }
+  $("model-field").hidden = false;
 }
 
 // ---- classify --------------------------------------------------------------
@@ -161,6 +182,7 @@ async function classify(event) {
   const form = new FormData();
   form.append("image", file, file.name);
   form.append("labels", labels.join(","));
+  if (!$("model-field").hidden && $("model").value) form.append("model", $("model").value);
   try {
     const body = await busy($("classify-btn"), $("classify-results"), "Classificando…",
       () => api("/classify", { method: "POST", body: form }));

@@ -291,7 +291,7 @@ fn index_at_scale_embedded_vs_postgres() {
         report["embedded"] = json!({"ingest_per_second": rate, "bytes_on_disk": dir_bytes(&data)});
         eprintln!("embedded: {rate:.0} vectors/s, {} bytes", dir_bytes(&data));
         {
-            let s = TestServer::start_in(&data, |c| c.model = model.display().to_string());
+            let s = TestServer::start_in(&data, |c| c.set_model(&model.display().to_string()));
             report["embedded"]["open_and_serve_seconds"] = json!(0);
             for &c in &levels {
                 let row = search("embedded", &s.http, &queries, &truth, c);
@@ -348,7 +348,7 @@ fn index_at_scale_embedded_vs_postgres() {
         // ef_search sweep at concurrency 1, then the default at each level.
         for ef in [40usize, 100, 200, 400] {
             let s = TestServer::start_at(&place, |c| {
-                c.model = model.display().to_string();
+                c.set_model(&model.display().to_string());
                 c.pg.ef_search = ef;
             });
             let mut row = search(name, &s.http, &queries, &truth, 1);
@@ -357,7 +357,7 @@ fn index_at_scale_embedded_vs_postgres() {
             rows.push(row);
             s.stop();
         }
-        let s = TestServer::start_at(&place, |c| c.model = model.display().to_string());
+        let s = TestServer::start_at(&place, |c| c.set_model(&model.display().to_string()));
         for &c in &levels[1..] {
             let row = search(name, &s.http, &queries, &truth, c);
             eprintln!("{row:?}");

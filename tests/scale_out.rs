@@ -420,7 +420,7 @@ fn migrate_round_trips_between_a_data_directory_and_postgres() {
     {
         other_tiny_model(&dir.path().join("other-model"));
         let s = TestServer::start_in(&other, |c| {
-            c.model = dir.path().join("other-model").display().to_string();
+            c.set_model(&dir.path().join("other-model").display().to_string());
         });
         assert_eq!(ingest(&s.http, "x", 1, json!({})).status, 200);
         s.stop();

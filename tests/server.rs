@@ -133,8 +133,14 @@ fn repeated_label_sets_cost_only_the_image_pass() {
     let body = json!({"image": b64(&image_bytes("gray.png")), "labels": ["gato", "cachorro"]});
     assert_eq!(s.http.post_json("/classify", &body).status, 200);
     let m1 = s.http.get("/metrics").text;
-    let texts_before = metric(&m1, "capivara_batch_size_sum{tower=\"text\"}");
-    let images_before = metric(&m1, "capivara_batch_size_sum{tower=\"image\"}");
+    let texts_before = metric(
+        &m1,
+        "capivara_batch_size_sum{model=\"tiny\",tower=\"text\"}",
+    );
+    let images_before = metric(
+        &m1,
+        "capivara_batch_size_sum{model=\"tiny\",tower=\"image\"}",
+    );
     assert!(
         texts_before >= 14.0,
         "2 labels x 7 templates embedded: {texts_before}"
@@ -142,12 +148,18 @@ fn repeated_label_sets_cost_only_the_image_pass() {
     assert_eq!(s.http.post_json("/classify", &body).status, 200);
     let m2 = s.http.get("/metrics").text;
     assert_eq!(
-        metric(&m2, "capivara_batch_size_sum{tower=\"text\"}"),
+        metric(
+            &m2,
+            "capivara_batch_size_sum{model=\"tiny\",tower=\"text\"}"
+        ),
         texts_before,
         "labels came from the cache"
     );
     assert_eq!(
-        metric(&m2, "capivara_batch_size_sum{tower=\"image\"}"),
+        metric(
+            &m2,
+            "capivara_batch_size_sum{model=\"tiny\",tower=\"image\"}"
+        ),
         images_before + 1.0
     );
 }
@@ -383,17 +395,17 @@ fn concurrent_requests_are_batched_and_answers_unchanged() {
     for tower in ["text", "image"] {
         let items = metric(
             &after,
-            &format!("capivara_batch_size_sum{{tower=\"{tower}\"}}"),
+            &format!("capivara_batch_size_sum{{model=\"tiny\",tower=\"{tower}\"}}"),
         ) - metric(
             &before,
-            &format!("capivara_batch_size_sum{{tower=\"{tower}\"}}"),
+            &format!("capivara_batch_size_sum{{model=\"tiny\",tower=\"{tower}\"}}"),
         );
         let passes = metric(
             &after,
-            &format!("capivara_batch_size_count{{tower=\"{tower}\"}}"),
+            &format!("capivara_batch_size_count{{model=\"tiny\",tower=\"{tower}\"}}"),
         ) - metric(
             &before,
-            &format!("capivara_batch_size_count{{tower=\"{tower}\"}}"),
+            &format!("capivara_batch_size_count{{model=\"tiny\",tower=\"{tower}\"}}"),
         );
         assert_eq!(items, 32.0, "{tower}");
         assert!(
@@ -1113,7 +1125,7 @@ fn every_request_reports_where_its_time_went() {
         ("/search", "text-queue"),
     ] {
         let name =
-            format!("capivara_request_stage_seconds_count{{route=\"{route}\",stage=\"{stage}\"}}");
+            format!("capivara_request_stage_seconds_count{{model=\"tiny\",route=\"{route}\",stage=\"{stage}\"}}");
         assert!(metric(&m, &name) >= 1.0, "{name} missing:\n{m}");
     }
 }
@@ -1142,8 +1154,14 @@ fn text_passes_stay_within_the_token_budget() {
         .unwrap();
     assert!(max_abs_diff(&got, &want) <= 1e-5);
     let m = s.http.get("/metrics").text;
-    let passes = metric(&m, "capivara_batch_tokens_count{tower=\"text\"}");
-    let tokens = metric(&m, "capivara_batch_tokens_sum{tower=\"text\"}");
+    let passes = metric(
+        &m,
+        "capivara_batch_tokens_count{model=\"tiny\",tower=\"text\"}",
+    );
+    let tokens = metric(
+        &m,
+        "capivara_batch_tokens_sum{model=\"tiny\",tower=\"text\"}",
+    );
     // The warm-up pass is not observed; each text is > 8 tokens, so at most
     // two share a 24-token pass.
     assert!(passes >= 6.0, "{passes} passes for 12 texts");
@@ -1151,7 +1169,10 @@ fn text_passes_stay_within_the_token_budget() {
         tokens / passes <= 24.0,
         "{tokens} tokens in {passes} passes"
     );
-    assert_eq!(metric(&m, "capivara_batch_size_sum{tower=\"text\"}"), 12.0);
+    assert_eq!(
+        metric(&m, "capivara_batch_size_sum{model=\"tiny\",tower=\"text\"}"),
+        12.0
+    );
 }
 
 #[test]

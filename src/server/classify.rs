@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
 use super::input::{
-    decode_base64, field_bytes, field_text, next_field, parse_json, preprocess_all, Payload,
+    field_bytes, field_text, image_input, next_field, parse_json, preprocess_all, Payload,
 };
 use super::state::{AppState, Limits};
 
@@ -17,8 +17,12 @@ use super::state::{AppState, Limits};
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClassifyRequest {
-    /// The image, base64 (JPEG, PNG, WebP, GIF, BMP).
+    /// The image, base64 (JPEG, PNG, WebP, GIF, BMP), or with
+    /// `--allow-image-urls` an `http(s)://` URL.
     pub image: String,
+    /// The model to use (default: the server's first).
+    #[serde(default)]
+    pub model: Option<String>,
     /// Candidate labels, 1..=1000.
     pub labels: Vec<String>,
     /// Prompt templates with `{}` for the label; default: the server's set.
@@ -41,6 +45,8 @@ pub struct ClassifyForm {
     /// Templates: repeat the field or give a JSON array.
     templates: Option<Vec<String>>,
     top_k: Option<usize>,
+    /// The model to use (default: the server's first).
+    model: Option<String>,
 }
 
 /// One label and its probability.
@@ -72,23 +78,28 @@ fn list_field(text: &str, comma: bool) -> Vec<String> {
     }
 }
 
-async fn read(payload: Payload) -> Result<(Vec<u8>, ClassifyRequestParts), ApiError> {
+async fn read(
+    state: &AppState,
+    payload: Payload,
+) -> Result<(Vec<u8>, ClassifyRequestParts), ApiError> {
     match payload {
         Payload::Json(b) => {
             let r: ClassifyRequest = parse_json(&b)?;
-            let image = decode_base64("image", &r.image)?;
+            let image = image_input(state, "image", &r.image).await?;
             Ok((
                 image,
                 ClassifyRequestParts {
                     labels: r.labels,
                     templates: r.templates,
                     top_k: r.top_k,
+                    model: r.model,
                 },
             ))
         }
         Payload::Multipart(mut mp) => {
             let (mut image, mut labels, mut templates, mut top_k) =
                 (None, Vec::new(), None::<Vec<String>>, None);
+            let mut model = None;
             while let Some(field) = next_field(&mut mp).await? {
                 match field.name().unwrap_or("") {
                     "image" => image = Some(field_bytes(field).await?.to_vec()),
@@ -98,6 +109,7 @@ async fn read(payload: Payload) -> Result<(Vec<u8>, ClassifyRequestParts), ApiEr
                     "templates" | "template" => templates
                         .get_or_insert_with(Vec::new)
                         .extend(list_field(&field_text(field).await?, false)),
+                    "model" => model = Some(field_text(field).await?.trim().to_string()),
                     "top_k" => {
                         let t = field_text(field).await?;
                         top_k = Some(t.trim().parse().map_err(|_| {
@@ -111,7 +123,7 @@ async fn read(payload: Payload) -> Result<(Vec<u8>, ClassifyRequestParts), ApiEr
                         return Err(ApiError::bad_request(
                             "invalid_body",
                             format!(
-                            "unknown multipart field `{other}` (image, labels, templates, top_k)"
+                            "unknown multipart field `{other}` (image, labels, templates, top_k, model)"
                         ),
                         ))
                     }
@@ -126,6 +138,7 @@ async fn read(payload: Payload) -> Result<(Vec<u8>, ClassifyRequestParts), ApiEr
                     labels,
                     templates,
                     top_k,
+                    model,
                 },
             ))
         }
@@ -136,6 +149,7 @@ struct ClassifyRequestParts {
     labels: Vec<String>,
     templates: Option<Vec<String>>,
     top_k: Option<usize>,
+    model: Option<String>,
 }
 
 /// Zero-shot classification: the probability of each label for the image.
@@ -145,6 +159,8 @@ struct ClassifyRequestParts {
     responses(
         (status = 200, description = "Labels sorted by probability", body = ClassifyResponse),
         (status = 400, description = "Invalid request (labels, top_k, base64, undecodable image)", body = ErrorBody),
+        (status = 403, description = "An image URL refused: not a public address (`url_not_allowed`; with --allow-image-urls)", body = ErrorBody),
+        (status = 404, description = "No such model (`model_not_found`)", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Unsupported content type or image format", body = ErrorBody),
         (status = 422, description = "Image has too many pixels", body = ErrorBody),
@@ -154,7 +170,7 @@ pub async fn classify(
     State(state): State<Arc<AppState>>,
     payload: Payload,
 ) -> Result<Json<ClassifyResponse>, ApiError> {
-    let (image, req) = read(payload).await?;
+    let (image, req) = read(&state, payload).await?;
     let limits = &state.config.limits;
     Limits::count(
         "invalid_labels",
@@ -194,19 +210,17 @@ pub async fn classify(
             "top_k must be at least 1",
         ));
     }
-    let pixels = preprocess_all(&state, vec![image]).await?;
+    let embedder = &state.loaded()?.model(req.model.as_deref())?.embedder;
+    let pixels = preprocess_all(embedder, vec![image]).await?;
     // The image pass and the (cached) label pass run concurrently.
     let (img, classes) = tokio::join!(
-        state.loaded()?.embedder.embed_pixels(pixels),
-        state
-            .loaded()?
-            .embedder
-            .class_embeddings(&req.labels, &templates)
+        embedder.embed_pixels(pixels),
+        embedder.class_embeddings(&req.labels, &templates)
     );
     let img = img?
         .pop()
         .ok_or_else(|| ApiError::internal("no image embedding"))?;
-    let probs = state.loaded()?.embedder.zero_shot(&img, &classes?);
+    let probs = embedder.zero_shot(&img, &classes?);
     let mut predictions: Vec<Prediction> = req
         .labels
         .into_iter()

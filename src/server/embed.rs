@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
-use super::input::{decode_base64, preprocess_all, JsonBody};
+use super::input::{image_inputs, preprocess_all, JsonBody};
 use super::state::{AppState, Limits};
 
 /// Texts to embed.
@@ -18,13 +18,20 @@ pub struct EmbedTextRequest {
     /// 1 to 256 texts.
     #[schema(min_items = 1, max_items = 256)]
     pub texts: Vec<String>,
+    /// The model to use (default: the server's first).
+    #[serde(default)]
+    pub model: Option<String>,
 }
 
 /// Images to embed, base64.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EmbedImageRequest {
+    /// Images, base64 (or `http(s)://` URLs with `--allow-image-urls`).
     pub images: Vec<String>,
+    /// The model to use (default: the server's first).
+    #[serde(default)]
+    pub model: Option<String>,
 }
 
 /// L2-normalised embeddings in request order.
@@ -39,6 +46,7 @@ pub struct EmbeddingsResponse {
     responses(
         (status = 200, description = "One embedding per text", body = EmbeddingsResponse),
         (status = 400, description = "No texts, too many, or one too long", body = ErrorBody),
+        (status = 404, description = "No such model (`model_not_found`)", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 503, description = "Overloaded: retry after the Retry-After seconds", body = ErrorBody),
@@ -50,7 +58,8 @@ pub async fn embed_text(
     let limits = &state.config.limits;
     Limits::count("invalid_texts", "texts", req.texts.len(), limits.max_texts)?;
     Limits::each_at_most("invalid_texts", "text", &req.texts, limits.max_query_chars)?;
-    let embeddings = state.loaded()?.embedder.embed_texts(req.texts).await?;
+    let model = state.loaded()?.model(req.model.as_deref())?;
+    let embeddings = model.embedder.embed_texts(req.texts).await?;
     Ok(Json(EmbeddingsResponse { embeddings }))
 }
 
@@ -60,6 +69,8 @@ pub async fn embed_text(
     responses(
         (status = 200, description = "One embedding per image", body = EmbeddingsResponse),
         (status = 400, description = "No images, too many, bad base64 or undecodable image", body = ErrorBody),
+        (status = 403, description = "An image URL refused: not a public address (`url_not_allowed`; with --allow-image-urls)", body = ErrorBody),
+        (status = 404, description = "No such model (`model_not_found`)", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Not JSON, or unsupported image format", body = ErrorBody),
         (status = 422, description = "Image has too many pixels", body = ErrorBody),
@@ -76,13 +87,9 @@ pub async fn embed_image(
         req.images.len(),
         limits.max_images,
     )?;
-    let bytes = req
-        .images
-        .iter()
-        .enumerate()
-        .map(|(i, s)| decode_base64(&format!("images[{i}]"), s))
-        .collect::<Result<Vec<_>, _>>()?;
-    let pixels = preprocess_all(&state, bytes).await?;
-    let embeddings = state.loaded()?.embedder.embed_pixels(pixels).await?;
+    let embedder = &state.loaded()?.model(req.model.as_deref())?.embedder;
+    let bytes = image_inputs(&state, "images", &req.images).await?;
+    let pixels = preprocess_all(embedder, bytes).await?;
+    let embeddings = embedder.embed_pixels(pixels).await?;
     Ok(Json(EmbeddingsResponse { embeddings }))
 }

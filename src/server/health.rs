@@ -15,6 +15,12 @@ use super::state::AppState;
 pub struct Status {
     /// `ok` or `ready`.
     pub status: String,
+    /// With readiness: each model's state (`ready`), by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<std::collections::BTreeMap<String, String>>,
+    /// With readiness: the model a request that names none is answered by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_model: Option<String>,
 }
 
 /// The process is alive.
@@ -23,6 +29,8 @@ pub struct Status {
 pub async fn healthz() -> Json<Status> {
     Json(Status {
         status: "ok".into(),
+        models: None,
+        default_model: None,
     })
 }
 
@@ -33,8 +41,19 @@ pub async fn healthz() -> Json<Status> {
         (status = 503, description = "Still loading (`not_ready`, saying what it waits for), or the index cannot be reached (`index_unavailable`)", body = ErrorBody),
     ))]
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Status>, ApiError> {
-    state.loaded()?.index.check().await?;
+    let models = state.model_states();
+    let loaded = state.loaded().map_err(|mut e| {
+        let each: Vec<String> = models
+            .iter()
+            .map(|(name, s)| format!("model `{name}`: {s}"))
+            .collect();
+        e.message = format!("{} ({})", e.message, each.join("; "));
+        e
+    })?;
+    loaded.index.check().await?;
     Ok(Json(Status {
         status: "ready".into(),
+        models: Some(models.into_iter().collect()),
+        default_model: state.config.models.first().map(|m| m.name.clone()),
     }))
 }

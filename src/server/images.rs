@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
 use super::input::{
-    decode_base64, field_bytes, field_text, next_field, parse_json, preprocess_with_thumbnails,
+    field_bytes, field_text, image_input, next_field, parse_json, preprocess_with_thumbnails,
     require_key, IdPath, Payload,
 };
 use super::state::{AppState, Limits};
@@ -20,7 +20,7 @@ use crate::index::{validate_id, NewImage, Thumbnail};
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IngestImage {
-    /// The image, base64.
+    /// The image, base64 (or an `http(s)://` URL with `--allow-image-urls`).
     pub image: String,
     /// Its id (1-128 characters of `A-Z a-z 0-9 . _ -`); generated when absent.
     /// An existing id is replaced.
@@ -80,9 +80,16 @@ fn new_id() -> String {
 }
 
 struct Upload {
-    bytes: Vec<u8>,
+    image: Raw,
     id: Option<String>,
     metadata: Option<serde_json::Value>,
+}
+
+/// An uploaded image: a file's bytes, or a JSON field's text (base64 or a
+/// URL) read once the request's ids and metadata are known to be valid.
+enum Raw {
+    Bytes(Vec<u8>),
+    Field(String, String),
 }
 
 async fn read(payload: Payload) -> Result<Vec<Upload>, ApiError> {
@@ -94,7 +101,7 @@ async fn read(payload: Payload) -> Result<Vec<Upload>, ApiError> {
                 .enumerate()
                 .map(|(i, im)| {
                     Ok(Upload {
-                        bytes: decode_base64(&format!("images[{i}].image"), &im.image)?,
+                        image: Raw::Field(format!("images[{i}].image"), im.image),
                         id: im.id,
                         metadata: im.metadata,
                     })
@@ -107,7 +114,7 @@ async fn read(payload: Payload) -> Result<Vec<Upload>, ApiError> {
                 let name = field.name().unwrap_or("").to_string();
                 match name.as_str() {
                     "image" => out.push(Upload {
-                        bytes: field_bytes(field).await?.to_vec(),
+                        image: Raw::Bytes(field_bytes(field).await?.to_vec()),
                         id: None,
                         metadata: None,
                     }),
@@ -150,6 +157,7 @@ async fn read(payload: Payload) -> Result<Vec<Upload>, ApiError> {
     responses(
         (status = 200, description = "Ingested and durable", body = IngestResponse),
         (status = 400, description = "Invalid request (ids, metadata, base64, undecodable image)", body = ErrorBody),
+        (status = 403, description = "An image URL refused: not a public address (`url_not_allowed`; with --allow-image-urls)", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Unsupported content type or image format", body = ErrorBody),
@@ -204,13 +212,21 @@ pub async fn ingest(
         }
         ids.push(id);
         metas.push(metadata);
-        images.push(u.bytes);
+        images.push(u.image);
     }
-    let (pixels, thumbs): (Vec<_>, Vec<_>) = preprocess_with_thumbnails(&state, images)
+    let mut bytes = Vec::with_capacity(images.len());
+    for raw in images {
+        bytes.push(match raw {
+            Raw::Bytes(b) => b,
+            Raw::Field(field, value) => image_input(&state, &field, &value).await?,
+        });
+    }
+    let embedder = &state.loaded()?.ingest_model().embedder;
+    let (pixels, thumbs): (Vec<_>, Vec<_>) = preprocess_with_thumbnails(embedder, bytes)
         .await?
         .into_iter()
         .unzip();
-    let vectors = state.loaded()?.embedder.embed_pixels(pixels).await?;
+    let vectors = embedder.embed_pixels(pixels).await?;
     let images: Vec<NewImage> = ids
         .iter()
         .zip(vectors)

@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 use super::state::AppState;
+use crate::engine::Embedder;
 use crate::timing::{self, Stage};
 
 /// A request body that is either JSON or `multipart/form-data`.
@@ -183,28 +184,74 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0 && a.len() == b.len()
 }
 
-/// Decodes and preprocesses images on blocking threads, in parallel.
+/// Whether an image field holds an `http(s)://` URL.
+fn is_url(value: &str) -> bool {
+    let v = value.trim();
+    let lower = v.get(..8).unwrap_or(v).to_ascii_lowercase();
+    lower.starts_with("http://") || lower.starts_with("https://")
+}
+
+/// An image field's bytes: base64 (or a `data:` URL), or with
+/// `--allow-image-urls` an `http(s)://` URL, fetched within the policy
+/// (timed as `fetch`).
+pub async fn image_input(state: &AppState, field: &str, value: &str) -> Result<Vec<u8>, ApiError> {
+    if is_url(value) {
+        timing::timed(Stage::Fetch, state.fetcher.fetch(field, value.trim())).await
+    } else {
+        decode_base64(field, value.trim())
+    }
+}
+
+/// [`image_input`] of several fields, `name[i]`: the URLs among them fetched
+/// at once (one `fetch` stage: the wall time of them all).
+pub async fn image_inputs<S: AsRef<str>>(
+    state: &AppState,
+    name: &str,
+    values: &[S],
+) -> Result<Vec<Vec<u8>>, ApiError> {
+    let started = std::time::Instant::now();
+    let any_url = values.iter().any(|v| is_url(v.as_ref()));
+    let out = futures_util::future::try_join_all(values.iter().enumerate().map(|(i, v)| {
+        let field = format!("{name}[{i}]");
+        async move {
+            let v = v.as_ref().trim();
+            if is_url(v) {
+                state.fetcher.fetch(&field, v).await
+            } else {
+                decode_base64(&field, v)
+            }
+        }
+    }))
+    .await?;
+    if any_url {
+        timing::record(Stage::Fetch, started.elapsed());
+    }
+    Ok(out)
+}
+
+/// Decodes and preprocesses images for `embedder` on blocking threads, in
+/// parallel.
 pub async fn preprocess_all(
-    state: &Arc<AppState>,
+    embedder: &Arc<Embedder>,
     images: Vec<Vec<u8>>,
 ) -> Result<Vec<Vec<f32>>, ApiError> {
-    preprocess_each(state, images, |e, b| e.preprocess(b)).await
+    preprocess_each(embedder, images, |e, b| e.preprocess(b)).await
 }
 
 /// [`preprocess_all`] with a JPEG thumbnail of each image.
 pub async fn preprocess_with_thumbnails(
-    state: &Arc<AppState>,
+    embedder: &Arc<Embedder>,
     images: Vec<Vec<u8>>,
 ) -> Result<Vec<(Vec<f32>, Vec<u8>)>, ApiError> {
-    preprocess_each(state, images, |e, b| e.preprocess_with_thumbnail(b)).await
+    preprocess_each(embedder, images, |e, b| e.preprocess_with_thumbnail(b)).await
 }
 
 async fn preprocess_each<T: Send + 'static>(
-    state: &Arc<AppState>,
+    embedder: &Arc<Embedder>,
     images: Vec<Vec<u8>>,
-    f: fn(&crate::engine::Embedder, &[u8]) -> Result<T, crate::Error>,
+    f: fn(&Embedder, &[u8]) -> Result<T, crate::Error>,
 ) -> Result<Vec<T>, ApiError> {
-    let embedder = state.loaded()?.embedder.clone();
+    let embedder = embedder.clone();
     let _slot = embedder.decode_slot()?;
     timing::timed(Stage::Decode, async move {
         let mut tasks = Vec::with_capacity(images.len());

@@ -65,7 +65,7 @@ impl Metrics {
         let batch_size = HistogramVec::new(
             HistogramOpts::new("batch_size", "Items per model forward pass")
                 .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
-            &["tower"],
+            &["model", "tower"],
         )
         .expect("metric");
         let batch_tokens = HistogramVec::new(
@@ -76,7 +76,7 @@ impl Metrics {
             .buckets(vec![
                 16.0, 64.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
             ]),
-            &["tower"],
+            &["model", "tower"],
         )
         .expect("metric");
         let stages = HistogramVec::new(
@@ -86,12 +86,12 @@ impl Metrics {
                  <tower>-queue, <tower>-inference (as in the Server-Timing header)",
             )
             .buckets(seconds_buckets()),
-            &["route", "stage"],
+            &["route", "stage", "model"],
         )
         .expect("metric");
         let queue_depth = IntGaugeVec::new(
             Opts::new("queue_depth", "Requests waiting per tower"),
-            &["tower"],
+            &["model", "tower"],
         )
         .expect("metric");
         let forward = HistogramVec::new(
@@ -100,7 +100,7 @@ impl Metrics {
                     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                 ],
             ),
-            &["tower"],
+            &["model", "tower"],
         )
         .expect("metric");
         let index_size = IntGauge::new("index_size", "Live images in the index").expect("metric");
@@ -116,15 +116,6 @@ impl Metrics {
         ] {
             registry.register(c).expect("unique metric names");
         }
-        // Export every per-tower series from the start, at zero.
-        for tower in ["text", "image"] {
-            batch_size.with_label_values(&[tower]);
-            if tower == "text" {
-                batch_tokens.with_label_values(&[tower]);
-            }
-            forward.with_label_values(&[tower]);
-            queue_depth.with_label_values(&[tower]).set(0);
-        }
         Self {
             registry,
             requests,
@@ -135,6 +126,18 @@ impl Metrics {
             forward,
             stages,
             index_size,
+        }
+    }
+
+    /// Exports `model`'s per-tower series from the start, at zero.
+    pub fn register_model(&self, model: &str) {
+        for tower in ["text", "image"] {
+            self.batch_size.with_label_values(&[model, tower]);
+            if tower == "text" {
+                self.batch_tokens.with_label_values(&[model, tower]);
+            }
+            self.forward.with_label_values(&[model, tower]);
+            self.queue_depth.with_label_values(&[model, tower]).set(0);
         }
     }
 
@@ -149,21 +152,23 @@ impl Metrics {
 }
 
 impl EngineObserver for Metrics {
-    fn batch(&self, tower: &'static str, items: usize, tokens: usize, seconds: f64) {
+    fn batch(&self, model: &str, tower: &'static str, items: usize, tokens: usize, seconds: f64) {
         self.batch_size
-            .with_label_values(&[tower])
+            .with_label_values(&[model, tower])
             .observe(items as f64);
         if tower == "text" {
             self.batch_tokens
-                .with_label_values(&[tower])
+                .with_label_values(&[model, tower])
                 .observe(tokens as f64);
         }
-        self.forward.with_label_values(&[tower]).observe(seconds);
+        self.forward
+            .with_label_values(&[model, tower])
+            .observe(seconds);
     }
 
-    fn queue_depth(&self, tower: &'static str, depth: usize) {
+    fn queue_depth(&self, model: &str, tower: &'static str, depth: usize) {
         self.queue_depth
-            .with_label_values(&[tower])
+            .with_label_values(&[model, tower])
             .set(depth as i64);
     }
 }
@@ -190,7 +195,11 @@ pub async fn track(
     for (stage, d) in timings.stages() {
         metrics
             .stages
-            .with_label_values(&[route.as_str(), stage.name().as_str()])
+            .with_label_values(&[
+                route.as_str(),
+                stage.name().as_str(),
+                timings.model().unwrap_or(""),
+            ])
             .observe(d.as_secs_f64());
     }
     if let Ok(v) = axum::http::HeaderValue::from_str(&timings.server_timing(total)) {
@@ -214,17 +223,16 @@ pub async fn metrics(
     State(state): State<std::sync::Arc<super::state::AppState>>,
 ) -> impl IntoResponse {
     if let Ok(l) = state.loaded() {
-        let (t, i) = l.embedder.queue_depths();
-        state
-            .metrics
-            .queue_depth
-            .with_label_values(&["text"])
-            .set(t as i64);
-        state
-            .metrics
-            .queue_depth
-            .with_label_values(&["image"])
-            .set(i as i64);
+        for m in &l.models {
+            let (t, i) = m.embedder.queue_depths();
+            for (tower, depth) in [("text", t), ("image", i)] {
+                state
+                    .metrics
+                    .queue_depth
+                    .with_label_values(&[m.name.as_str(), tower])
+                    .set(depth as i64);
+            }
+        }
         if let Ok(n) = l.index.len().await {
             state.metrics.index_size.set(n as i64);
         }

@@ -11,10 +11,12 @@
 pub mod classify;
 pub mod embed;
 pub mod error;
+pub mod fetch;
 pub mod health;
 pub mod images;
 pub mod input;
 pub mod metrics;
+pub mod openai;
 pub mod openapi;
 mod page;
 pub mod search;
@@ -33,7 +35,7 @@ use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
 
 pub use metrics::Metrics;
-pub use state::{AppState, Limits, Loaded, ServeConfig};
+pub use state::{AppState, Limits, Loaded, ModelSpec, ServeConfig};
 
 pub use crate::zeroshot::DEFAULT_TEMPLATES;
 
@@ -54,6 +56,31 @@ pub fn api() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(metrics::metrics))
+        .routes(routes!(openai::embeddings))
+        .routes(routes!(openai::models))
+        .routes(routes!(openai::model))
+}
+
+/// Routes open with `--api-key-reads` too: health and the page's own files.
+const ALWAYS_OPEN: &[&str] = &["/healthz", "/readyz", "/", "/app.js", "/style.css"];
+
+/// With `--api-key` and `--api-key-reads`, every request needs the key
+/// (reads too), health checks and the page's own files aside. (Writes need
+/// it with `--api-key` alone; their handlers check.)
+async fn guard_reads(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let path = req.uri().path();
+    let open = ALWAYS_OPEN.contains(&path) || path == "/openapi.json" || path.starts_with("/docs");
+    if state.config.api_key_reads && !open {
+        if let Err(e) = input::require_key(&state, req.headers()) {
+            return e.into_response();
+        }
+    }
+    next.run(req).await
 }
 
 /// The routes.
@@ -75,7 +102,12 @@ pub fn router(state: Arc<AppState>) -> Router {
     let app = Router::new()
         .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::finish(doc)))
         .merge(api)
-        .layer(axum::middleware::from_fn_with_state(timeout, time_limit));
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard_reads,
+        ))
+        .layer(axum::middleware::from_fn_with_state(timeout, time_limit))
+        .layer(axum::middleware::from_fn(openai::error_shape));
     let app = match cors_layer(&state.config.cors_origins) {
         Some(cors) => app.layer(cors),
         None => app,

@@ -19,6 +19,7 @@ use utoipa::{Modify, OpenApi};
         (name = "images", description = "The image index"),
         (name = "embed", description = "Raw embeddings"),
         (name = "health", description = "Health, readiness, metrics"),
+        (name = "openai", description = "OpenAI-compatible embeddings"),
     )
 )]
 pub struct ApiDoc;

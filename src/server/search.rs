@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
-use super::input::{decode_base64, preprocess_all, JsonBody};
+use super::input::{image_input, preprocess_all, JsonBody};
 use super::state::AppState;
 use crate::index::Hit;
 
@@ -31,6 +31,10 @@ pub struct SearchRequest {
     /// `/embed/image` return them), of the model's dimension; any norm.
     #[serde(default)]
     pub vector: Option<Vec<f32>>,
+    /// The model that embeds `query` (default: `--query-model`, else the
+    /// index's model); it must share the index model's image tower.
+    #[serde(default)]
+    pub model: Option<String>,
     /// How many results, 1..=1000.
     #[serde(default = "default_k")]
     #[schema(minimum = 1, maximum = 1000)]
@@ -49,6 +53,8 @@ pub struct SearchResponse {
     responses(
         (status = 200, description = "The best matches, best first", body = SearchResponse),
         (status = 400, description = "Empty query, several or none of query/image/vector, a vector of the wrong dimension or zero, k out of range", body = ErrorBody),
+        (status = 403, description = "An image URL refused: not a public address (`url_not_allowed`; with --allow-image-urls)", body = ErrorBody),
+        (status = 404, description = "No such model (`model_not_found`)", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Not JSON, or unsupported image format", body = ErrorBody),
         (status = 422, description = "Image has too many pixels", body = ErrorBody),
@@ -80,12 +86,14 @@ pub async fn search(
                     ),
                 ));
             }
-            state.loaded()?.embedder.embed_texts(vec![q]).await?
+            let model = state.loaded()?.query_model(req.model.as_deref())?;
+            model.embedder.embed_texts(vec![q]).await?
         }
         (None, Some(img), None) => {
-            let bytes = decode_base64("image", &img)?;
-            let px = preprocess_all(&state, vec![bytes]).await?;
-            state.loaded()?.embedder.embed_pixels(px).await?
+            let model = state.loaded()?.query_model(req.model.as_deref())?;
+            let bytes = image_input(&state, "image", &img).await?;
+            let px = preprocess_all(&model.embedder, vec![bytes]).await?;
+            model.embedder.embed_pixels(px).await?
         }
         (None, None, None) => {
             return Err(ApiError::bad_request(

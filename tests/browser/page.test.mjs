@@ -87,6 +87,14 @@ test("the page loads, all from the server, and reports ready", async () => {
   );
 });
 
+/** Forward passes of `model`'s image tower so far, from /metrics. */
+async function imagePasses(model) {
+  const text = await (await fetch(`${BASE}/metrics`)).text();
+  const line = text.split("\n").find((l) =>
+    l.startsWith("capivara_batch_size_count{") && l.includes(`model="${model}"`) && l.includes('tower="image"'));
+  return line ? Number(line.split(" ").pop()) : 0;
+}
+
 test("an image dropped on the drop zone is previewed", async () => {
   const bytes = readFileSync(fixture("wide.png")).toString("base64");
   const dt = await page.evaluateHandle((b64) => {
@@ -136,6 +144,27 @@ test("the keyboard opens the file picker; classifying shows a sorted bar chart",
   widths.forEach((w, i) => assert.ok(Math.abs(w * 100 - shown[i]) < 1.5, `bar ${i}: ${w} vs ${shown[i]}%`));
   assert.equal(await page.locator("#classify-error").isVisible(), false);
   assert.equal(await page.locator("#classify-btn").isEnabled(), true);
+});
+
+test("with two models loaded, the page classifies with the one chosen", async () => {
+  // run.sh serves the tiny model twice: `tiny` (the default) and `outro`.
+  const select = page.locator("#model");
+  await select.waitFor({ state: "visible" });
+  assert.deepEqual(await select.locator("option").allTextContents(), ["outro", "tiny (padrão)"]);
+  assert.equal(await select.inputValue(), "tiny");
+  await select.selectOption("outro");
+  const before = { outro: await imagePasses("outro"), tiny: await imagePasses("tiny") };
+  const [response] = await Promise.all([
+    page.waitForResponse((r) => r.url().endsWith("/classify") && r.request().method() === "POST"),
+    page.locator("#classify-btn").click(),
+  ]);
+  assert.equal(response.status(), 200);
+  await page.locator("#classify-btn:not([disabled])").waitFor();
+  assert.equal(await page.locator("#classify-error").isVisible(), false);
+  // The server ran the image through `outro`, not the default.
+  assert.equal(await imagePasses("outro"), before.outro + 1);
+  assert.equal(await imagePasses("tiny"), before.tiny);
+  await select.selectOption("tiny");
 });
 
 test("searching an empty index says so", async () => {

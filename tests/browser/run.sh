@@ -49,7 +49,8 @@ elif [[ "$SCREENSHOT" != /* ]]; then
 fi
 export SCREENSHOT
 
-HF_HUB_OFFLINE=1 "$bin" serve --model "$root/tests/fixtures/tiny" \
+# Two models (the same files under two names), for the model selector.
+HF_HUB_OFFLINE=1 "$bin" serve --model "tiny=$root/tests/fixtures/tiny" --model "outro=$root/tests/fixtures/tiny" \
   --addr "127.0.0.1:$port" --data-dir "$work/data" --api-key "$CAPIVARA_API_KEY" \
   >"$work/server.log" 2>&1 &
 server_pid=$!

@@ -63,10 +63,39 @@ pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-/// A copy of the tiny model in `dst` whose embeddings live in another space:
-/// the image and text projections negated (another model as far as an index
-/// is concerned; same architecture and files).
+/// A copy of the tiny model in `dst` whose embeddings live in another space
+/// and which ranks labels differently: the image projection negated, the text
+/// projection's output dimensions reversed (another model as far as an index
+/// or a classifier is concerned; same architecture and files).
 pub fn other_tiny_model(dst: &std::path::Path) {
+    modified_tiny_model(dst, |name, t| match name {
+        "visual.proj" => t.neg().unwrap(),
+        "text.proj.2.weight" => {
+            let rows = t.dim(0).unwrap() as u32;
+            let reversed: Vec<u32> = (0..rows).rev().collect();
+            let idx = Tensor::new(reversed.as_slice(), t.device()).unwrap();
+            t.index_select(&idx, 0).unwrap()
+        }
+        _ => t,
+    });
+}
+
+/// A copy of the tiny model in `dst` with the same image tower and a
+/// slightly different text tower (its first projection layer perturbed): a
+/// stand-in for a student distilled into the tiny model's space.
+pub fn text_variant_tiny_model(dst: &std::path::Path) {
+    modified_tiny_model(dst, |name, t| {
+        if name == "text.proj.0.weight" {
+            let noise = t.randn_like(0.0, 0.05).unwrap();
+            (t + noise).unwrap()
+        } else {
+            t
+        }
+    });
+}
+
+/// A copy of the tiny model in `dst` with each tensor passed through `f`.
+pub fn modified_tiny_model(dst: &std::path::Path, f: impl Fn(&str, Tensor) -> Tensor) {
     std::fs::create_dir_all(dst).unwrap();
     for e in std::fs::read_dir(tiny_dir()).unwrap() {
         let e = e.unwrap();
@@ -81,22 +110,44 @@ pub fn other_tiny_model(dst: &std::path::Path) {
         &Device::Cpu,
     )
     .unwrap();
-    let last_text_proj = tensors
-        .keys()
-        .filter(|k| k.starts_with("text.proj.") && k.ends_with(".weight"))
-        .max()
-        .cloned()
-        .expect("a text projection");
     let changed: HashMap<String, Tensor> = tensors
         .into_iter()
         .map(|(k, v)| {
-            let v = if k == "visual.proj" || k == last_text_proj {
-                v.neg().unwrap()
-            } else {
-                v
-            };
+            let v = f(&k, v);
             (k, v)
         })
         .collect();
     candle_core::safetensors::save(&changed, dst.join("open_clip_model.safetensors")).unwrap();
+}
+
+/// A Python interpreter that can import `module`: `$CAPIVARA_TEST_PYTHON`, or
+/// the venv `.ci/run` fills (`target/schema-venv`, from
+/// `scripts/requirements-*.txt`). None (the test skips, saying so) when there
+/// is none; with `CAPIVARA_REQUIRE_PYTHON=1` (CI) a missing one fails instead.
+pub fn python_with(module: &str) -> Option<PathBuf> {
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/schema-venv/bin/python");
+    let candidates: Vec<PathBuf> = std::env::var_os("CAPIVARA_TEST_PYTHON")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([venv])
+        .collect();
+    for python in candidates {
+        let ok = std::process::Command::new(&python)
+            .args(["-c", &format!("import {module}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if ok {
+            return Some(python);
+        }
+    }
+    let msg = format!(
+        "no Python with `{module}` (pip install -r scripts/requirements-openai.txt into \
+         target/schema-venv, or set CAPIVARA_TEST_PYTHON)"
+    );
+    if std::env::var("CAPIVARA_REQUIRE_PYTHON").is_ok_and(|v| v == "1") {
+        panic!("{msg}");
+    }
+    eprintln!("skipped: {msg}");
+    None
 }

@@ -250,6 +250,16 @@ impl Http {
         Self::finish(self.agent.get(format!("{}{path}", self.base)).call())
     }
 
+    /// A GET with `Authorization: Bearer <key>`.
+    pub fn get_key(&self, path: &str, key: &str) -> Resp {
+        Self::finish(
+            self.agent
+                .get(format!("{}{path}", self.base))
+                .header("Authorization", format!("Bearer {key}"))
+                .call(),
+        )
+    }
+
     pub fn delete(&self, path: &str, key: Option<&str>) -> Resp {
         let mut req = self.agent.delete(format!("{}{path}", self.base));
         if let Some(k) = key {

@@ -490,6 +490,11 @@ pub struct Comparison {
     pub min_cosine_to_teacher: f64,
     /// Fraction of images whose top-1 class is the teacher's.
     pub zero_shot_agreement: Option<f64>,
+    /// Search as a server with `--query-model student` does it: the held-out
+    /// images indexed by the teacher's (shared) image tower, each caption
+    /// queried by the student; the fraction of the teacher's top 10 that the
+    /// student's top 10 holds, averaged over the captions.
+    pub search_recall_at_10: Option<f64>,
     pub student_to_teacher_parameters: f64,
     pub student_to_teacher_bytes: f64,
     pub student_to_teacher_speed: f64,
@@ -539,6 +544,35 @@ pub fn texts_per_second(
     Ok(done as f64 / t0.elapsed().as_secs_f64())
 }
 
+/// Mean over the rows of `a` and `b` (queries, row-aligned) of the fraction
+/// of `a`'s top `k` rows of `index` (by dot product) found in `b`'s top `k`.
+pub fn top_k_overlap(index: &Tensor, a: &Tensor, b: &Tensor, k: usize) -> anyhow::Result<f64> {
+    let n = index.dim(0)?;
+    anyhow::ensure!(n > 0, "an empty index");
+    let k = k.min(n);
+    let top = |q: &Tensor| -> anyhow::Result<Vec<Vec<usize>>> {
+        let scores = q.matmul(&index.t()?)?.to_vec2::<f32>()?;
+        Ok(scores
+            .into_iter()
+            .map(|row| {
+                let mut order: Vec<usize> = (0..row.len()).collect();
+                // Ties by index, as the server orders equal scores by id.
+                order.sort_by(|&x, &y| row[y].total_cmp(&row[x]).then(x.cmp(&y)));
+                order.truncate(k);
+                order
+            })
+            .collect())
+    };
+    let (ta, tb) = (top(a)?, top(b)?);
+    anyhow::ensure!(!ta.is_empty(), "no queries");
+    let total: f64 = ta
+        .iter()
+        .zip(&tb)
+        .map(|(x, y)| x.iter().filter(|i| y.contains(i)).count() as f64 / k as f64)
+        .sum();
+    Ok(total / ta.len() as f64)
+}
+
 /// What a comparison runs on.
 pub struct HeldOut<'a> {
     pub shards: &'a [PathBuf],
@@ -564,6 +598,7 @@ pub fn compare(
     let mut sides = Vec::new();
     let mut texts_of = Vec::new();
     let mut preds = Vec::new();
+    let mut index: Option<(Tensor, Vec<String>)> = None;
     for p in [teacher, student] {
         let mut texts: Vec<String> = Vec::new();
         let retrieval_report = if data.shards.is_empty() {
@@ -571,6 +606,9 @@ pub fn compare(
         } else {
             let (set, _) = shard_set(p, data.shards, data.features, data.chunk)?;
             texts.extend(set.texts.iter().cloned());
+            if index.is_none() {
+                index = Some((set.images.clone(), set.texts.clone()));
+            }
             Some(set.evaluate(|d| embed_chunks(p, d, data.chunk))?)
         };
         let zs = match data.zero_shot {
@@ -606,12 +644,21 @@ pub fn compare(
             .count();
         same as f64 / preds[0].len().max(1) as f64
     });
+    let search_recall_at_10 = match &index {
+        Some((images, captions)) => {
+            let q_teacher = embed_texts(teacher, captions, data.chunk)?;
+            let q_student = embed_texts(student, captions, data.chunk)?;
+            Some(top_k_overlap(images, &q_teacher, &q_student, 10)?)
+        }
+        None => None,
+    };
     let (t, s) = (sides.remove(0), sides.remove(0));
     Ok(Comparison {
         texts_compared: texts.len(),
         mean_cosine_to_teacher: mean,
         min_cosine_to_teacher: min,
         zero_shot_agreement: agreement,
+        search_recall_at_10,
         student_to_teacher_parameters: s.parameters as f64 / t.parameters.max(1) as f64,
         student_to_teacher_bytes: s.bytes_on_disk as f64 / t.bytes_on_disk.max(1) as f64,
         student_to_teacher_speed: s.texts_per_second / t.texts_per_second.max(1e-9),
@@ -627,6 +674,20 @@ mod tests {
     fn t(rows: &[&[f32]]) -> Tensor {
         let v: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
         Tensor::from_vec(v, (rows.len(), rows[0].len()), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn top_k_overlap_counts_shared_results() {
+        let index = t(&[&[1.0, 0.0], &[0.0, 1.0], &[0.6, 0.8], &[-1.0, 0.0]]);
+        let a = t(&[&[1.0, 0.0], &[0.0, 1.0]]);
+        // Same queries: everything shared.
+        assert_eq!(top_k_overlap(&index, &a, &a, 2).unwrap(), 1.0);
+        // a[0]'s top 2 are rows 0 and 2; b[0] = (0, 1) has rows 1 and 2: one
+        // of two. a[1] = b[1]: two of two.
+        let b = t(&[&[0.0, 1.0], &[0.0, 1.0]]);
+        assert_eq!(top_k_overlap(&index, &a, &b, 2).unwrap(), 0.75);
+        // k larger than the index: all rows, always shared.
+        assert_eq!(top_k_overlap(&index, &a, &b, 10).unwrap(), 1.0);
     }
 
     #[test]
