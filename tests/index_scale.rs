@@ -346,7 +346,7 @@ fn index_at_scale_embedded_vs_postgres() {
             index_url: Some(url.clone()),
         };
         // ef_search sweep at concurrency 1, then the default at each level.
-        for ef in [40usize, 100, 200, 400] {
+        for ef in [40usize, 100, 150, 200, 400] {
             let s = TestServer::start_at(&place, |c| {
                 c.set_model(&model.display().to_string());
                 c.pg.ef_search = ef;

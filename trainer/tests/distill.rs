@@ -243,6 +243,10 @@ fn students_learn_the_teacher_and_serve() {
     assert!(c["min_cosine_to_teacher"].as_f64().unwrap() <= cm);
     let agree = c["zero_shot_agreement"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&agree));
+    // The student as a query model over the teacher's index: a share of the
+    // teacher's top 10, below 1 for a student that is not the teacher.
+    let overlap = c["search_recall_at_10"].as_f64().unwrap();
+    assert!(overlap > 0.0 && overlap < 1.0, "{overlap}");
     let templates = capivara::zeroshot::DEFAULT_TEMPLATES.len();
     assert_eq!(c["texts_compared"], 48 * 3 + 24 * templates);
     // The teacher against itself: identical on every count.
@@ -251,6 +255,7 @@ fn students_learn_the_teacher_and_serve() {
     let same = ok(&args);
     assert!(same["min_cosine_to_teacher"].as_f64().unwrap() > 0.99999);
     assert_eq!(same["zero_shot_agreement"], 1.0);
+    assert_eq!(same["search_recall_at_10"], 1.0);
     assert_eq!(same["student_to_teacher_bytes"], 1.0);
     assert_eq!(same["teacher"]["retrieval"], same["student"]["retrieval"]);
 }
