@@ -488,7 +488,7 @@ try:
     client.embeddings.create(model="no-such-model", input="x")
     error = None
 except Exception as e:
-    error = {"status": e.status_code, "code": e.code, "type": e.type}
+    error = {"class": type(e).__name__, "status": e.status_code, "code": e.code, "type": e.type}
 print(json.dumps({
     "models": models,
     "float": [d.embedding for d in floats.data],
@@ -521,6 +521,6 @@ print(json.dumps({
     assert!(v["usage"].as_u64().unwrap() > 0);
     assert_eq!(
         v["error"],
-        json!({"status": 404, "code": "model_not_found", "type": "invalid_request_error"})
+        json!({"class": "NotFoundError", "status": 404, "code": "model_not_found", "type": "invalid_request_error"})
     );
 }
