@@ -228,6 +228,14 @@ fn search(
     }
 }
 
+/// An untimed pass of the first 200 queries at concurrency 2 (pages the
+/// index into memory as serving would have).
+fn warm(http: &Http, queries: &[f32]) {
+    let n = (queries.len() / DIM).min(200);
+    let none = vec![Vec::new(); n];
+    search("warm-up", http, &queries[..n * DIM], &none, 2);
+}
+
 fn dir_bytes(dir: &std::path::Path) -> u64 {
     let mut total = 0;
     for e in std::fs::read_dir(dir).unwrap().flatten() {
@@ -293,6 +301,7 @@ fn index_at_scale_embedded_vs_postgres() {
         {
             let s = TestServer::start_in(&data, |c| c.set_model(&model.display().to_string()));
             report["embedded"]["open_and_serve_seconds"] = json!(0);
+            warm(&s.http, &queries);
             for &c in &levels {
                 let row = search("embedded", &s.http, &queries, &truth, c);
                 eprintln!("{row:?}");
@@ -345,6 +354,12 @@ fn index_at_scale_embedded_vs_postgres() {
             data_dir: dir.path().join(format!("unused-{name}")),
             index_url: Some(url.clone()),
         };
+        // A serving index is warm: one untimed pass of some queries first.
+        {
+            let s = TestServer::start_at(&place, |c| c.set_model(&model.display().to_string()));
+            warm(&s.http, &queries);
+            s.stop();
+        }
         // ef_search sweep at concurrency 1, then the default at each level.
         for ef in [40usize, 100, 150, 200, 400] {
             let s = TestServer::start_at(&place, |c| {

@@ -769,6 +769,20 @@ impl Backend for PgBackend {
 
     async fn end_bulk(&self) -> Result<(), IndexError> {
         if self.deferred.swap(false, Ordering::SeqCst) {
+            // A table filled by COPY has no statistics, no visibility map and
+            // no hint bits: the first searches would set them (writes on the
+            // read path, then autovacuum under load). Done once here, before
+            // the HNSW index exists (so VACUUM has no index to scan).
+            let started = Instant::now();
+            let c = self.client().await?;
+            c.batch_execute("VACUUM (ANALYZE) capivara_images")
+                .await
+                .map_err(db_error)?;
+            tracing::info!(
+                "{}: vacuumed and analysed in {:.1?}",
+                self.shown,
+                started.elapsed()
+            );
             self.build_hnsw().await?;
         }
         Ok(())
