@@ -14,6 +14,10 @@ ARG RUST_VERSION=1.95
 
 # ---------------------------------------------------------------- CPU build
 FROM rust:${RUST_VERSION}-bookworm AS build
+# nasm: libjpeg-turbo's SIMD decoder (~3x faster on photos).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends nasm \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 # Portable x86-64 code: the matrix kernels pick AVX2 / AVX-512 at run time.
@@ -47,7 +51,7 @@ ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP} \
     PATH=/root/.cargo/bin:${PATH} \
     RUSTFLAGS="-L native=/usr/local/cuda/lib64/stubs"
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates curl gcc g++ make \
+    && apt-get install -y --no-install-recommends ca-certificates curl gcc g++ make nasm \
     && rm -rf /var/lib/apt/lists/* \
     && curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain ${RUST_VERSION}
 WORKDIR /src

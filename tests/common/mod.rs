@@ -142,7 +142,7 @@ pub fn python_with(module: &str) -> Option<PathBuf> {
         }
     }
     let msg = format!(
-        "no Python with `{module}` (pip install -r scripts/requirements-openai.txt into \
+        "no Python with `{module}` (pip install -r scripts/requirements-tests.txt into \
          target/schema-venv, or set CAPIVARA_TEST_PYTHON)"
     );
     if std::env::var("CAPIVARA_REQUIRE_PYTHON").is_ok_and(|v| v == "1") {
