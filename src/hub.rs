@@ -724,10 +724,20 @@ impl Hub {
                 failures += 1;
             }
             if failures >= MAX_FAILED_ATTEMPTS {
-                let _ = fs::remove_file(part);
+                // Bytes received whole are kept for the next run to resume
+                // from (they are checked with the rest at the end).
+                let kept = fs::metadata(part).map(|m| m.len()).unwrap_or(0);
+                let cached = if kept > 0 {
+                    format!(
+                        "the {kept} bytes received are kept in {} and the next run resumes from there",
+                        part.display()
+                    )
+                } else {
+                    "nothing was cached".to_string()
+                };
                 return Err(HubError::fatal(format!(
                     "downloading {repo}/{name} failed {failures} times in a row: {e}; \
-                     nothing was cached. Run again to retry"
+                     {cached}. Run again to retry"
                 )));
             }
             let wait = Duration::from_millis((250u64 << failures.min(6)).min(10_000));

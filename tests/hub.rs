@@ -365,6 +365,34 @@ fn a_cut_connection_is_resumed_and_the_file_verified() {
     assert_cached(&cache, &hub, MODEL, weights);
     assert_cached(&cache, &hub, "xlm-roberta-base", "tokenizer.json");
     assert_no_leftovers(&cache, MODEL);
+
+    // The link dies for good after 400 kB: the run gives up, keeps what it
+    // received, and the next run resumes from there.
+    let other = tempfile::tempdir().unwrap();
+    hub.cut(weights, 400_000, 1);
+    hub.cut(weights, 0, 5);
+    let mut c = capivara(&hub.endpoint, other.path());
+    embed_args(&mut c, MODEL);
+    let err = failure(&c.output().unwrap());
+    assert!(err.contains("failed 5 times in a row"), "{err}");
+    assert!(err.contains("the 400000 bytes received are kept"), "{err}");
+    let part = repo_dir(other.path(), MODEL)
+        .join("blobs")
+        .join(format!("{sha}.incomplete"));
+    assert_eq!(std::fs::metadata(&part).unwrap().len(), 400_000);
+    hub.clear_log();
+    let mut c = capivara(&hub.endpoint, other.path());
+    embed_args(&mut c, MODEL);
+    assert_eq!(json_out(&c.output().unwrap())["texts"], local["texts"]);
+    let ranges: Vec<Option<String>> = hub
+        .log()
+        .into_iter()
+        .filter(|l| l.server == "cdn" && l.path.ends_with(&sha))
+        .map(|l| l.range)
+        .collect();
+    assert_eq!(ranges, vec![Some("bytes=400000-".to_string())]);
+    assert_cached(other.path(), &hub, MODEL, weights);
+    assert!(!part.exists());
 }
 
 #[test]
