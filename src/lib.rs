@@ -16,6 +16,7 @@
 
 pub mod bench;
 pub mod error;
+pub mod hub;
 pub mod kernels;
 pub mod model;
 pub mod pipeline;

@@ -30,6 +30,12 @@ enum Command {
     /// Measure the towers' throughput in this process (after a warm-up) and
     /// print one JSON object.
     Bench(BenchArgs),
+    /// Download models from the Hugging Face hub into its cache ahead of
+    /// time (the newest revision; files already cached are not fetched
+    /// again) and print what was fetched as one JSON object.
+    Pull(PullArgs),
+    /// List the models in the Hugging Face hub cache, with their sizes.
+    Models(ModelsArgs),
     /// Print the OpenAPI document of the HTTP API (openapi/openapi.json).
     #[cfg(feature = "server")]
     Openapi,
@@ -323,6 +329,21 @@ struct EmbedArgs {
 }
 
 #[derive(clap::Args)]
+struct PullArgs {
+    /// Hub repo ids (`org/name`); the text tower's config and tokenizer
+    /// repos they name come along.
+    #[arg(default_value = DEFAULT_MODEL)]
+    models: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct ModelsArgs {
+    /// One JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
 struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -496,6 +517,103 @@ fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn pull(args: PullArgs) -> anyhow::Result<()> {
+    use capivara::resolve::{resolve_with, ResolveOptions};
+    let hub = capivara::hub::HubConfig::from_env();
+    let mut out = Vec::new();
+    for model in &args.models {
+        let model = model.trim();
+        anyhow::ensure!(
+            !std::path::Path::new(model).exists(),
+            "`{model}` is a local path: `capivara pull` downloads hub repos (`org/name`); \
+             a directory is used as it is with --model DIR"
+        );
+        let start = std::time::Instant::now();
+        let opts = ResolveOptions {
+            refresh: true,
+            progress: None,
+        };
+        let (resolved, fetched) = resolve_with(model, opts)?;
+        let f = &resolved.files;
+        let files = [&f.config, &f.weights, &f.text_config, &f.tokenizer];
+        let bytes: u64 = files
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
+        out.push(serde_json::json!({
+            "model": model,
+            "revision": fetched.revision,
+            "files": {
+                "config": f.config,
+                "weights": f.weights,
+                "text_config": f.text_config,
+                "tokenizer": f.tokenizer,
+            },
+            "bytes": bytes,
+            "downloaded_bytes": fetched.downloaded_bytes,
+            "downloaded": fetched.downloaded,
+            "seconds": start.elapsed().as_secs_f64(),
+        }));
+    }
+    print_json(&serde_json::json!({
+        "cache": hub.cache_dir,
+        "models": out,
+    }))
+}
+
+fn models(args: ModelsArgs) -> anyhow::Result<()> {
+    use capivara::hub::{cached_repos, human_bytes, HubConfig};
+    let hub = HubConfig::from_env();
+    let repos = cached_repos(&hub)
+        .map_err(|e| anyhow::anyhow!("reading the hub cache {}: {e}", hub.cache_dir.display()))?;
+    if args.json {
+        return print_json(&serde_json::json!({
+            "cache": hub.cache_dir,
+            "models": repos,
+        }));
+    }
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "cache: {}", hub.cache_dir.display())?;
+    if repos.is_empty() {
+        writeln!(
+            stdout,
+            "no models cached (download one with `capivara pull {DEFAULT_MODEL}`)"
+        )?;
+        return Ok(());
+    }
+    let width = repos.iter().map(|r| r.repo.len()).max().unwrap_or(5).max(5);
+    writeln!(
+        stdout,
+        "{:width$}  {:10}  {:>9}  {:15}  FILES",
+        "MODEL", "REVISION", "SIZE", "KIND"
+    )?;
+    for r in &repos {
+        let mut files = r.files.join(", ");
+        if r.incomplete_bytes > 0 {
+            files.push_str(&format!(
+                " (+ {} of an unfinished download)",
+                human_bytes(r.incomplete_bytes)
+            ));
+        }
+        let rev: String = r
+            .revision
+            .as_deref()
+            .unwrap_or("-")
+            .chars()
+            .take(10)
+            .collect();
+        writeln!(
+            stdout,
+            "{:width$}  {rev:10}  {:>9}  {:15}  {files}",
+            r.repo,
+            human_bytes(r.bytes),
+            r.kind
+        )?;
+    }
+    Ok(())
+}
+
 fn embed(args: EmbedArgs) -> anyhow::Result<()> {
     let choice = args.model.parse()?;
     // Read every image before loading the model: a bad path fails fast.
@@ -636,11 +754,32 @@ fn main() -> ExitCode {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
     }
     let cli = Cli::parse();
+    #[cfg(feature = "server")]
+    let serving = matches!(cli.command, Command::Serve(_));
+    #[cfg(not(feature = "server"))]
+    let serving = false;
+    if !serving {
+        // Other commands log only what a download is doing (and warnings),
+        // on stderr: stdout is their JSON.
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new(
+                        "warn,capivara::hub=info,capivara::resolve=info",
+                    )
+                }),
+            )
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     let result = match cli.command {
         #[cfg(feature = "server")]
         Command::Serve(args) => serve(*args),
         Command::Embed(args) => embed(args),
         Command::Bench(args) => bench(args),
+        Command::Pull(args) => pull(args),
+        Command::Models(args) => models(args),
         #[cfg(feature = "server")]
         Command::Index(args) => index(args),
         #[cfg(feature = "server")]

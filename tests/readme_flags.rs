@@ -118,6 +118,11 @@ fn embed_flags_are_documented() {
 }
 
 #[test]
+fn models_flags_are_documented() {
+    check("models", "`capivara models`");
+}
+
+#[test]
 fn migrate_flags_are_documented() {
     check("migrate", "`capivara migrate`");
 }

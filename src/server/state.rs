@@ -326,6 +326,14 @@ impl Loaded {
     }
 }
 
+/// Sets model `name`'s state in `states`.
+fn set_state(states: &Mutex<Vec<(String, String)>>, name: &str, state: String) {
+    let mut states = states.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(s) = states.iter_mut().find(|(n, _)| n == name) {
+        s.1 = state;
+    }
+}
+
 /// What every handler sees.
 pub struct AppState {
     pub config: ServeConfig,
@@ -335,8 +343,9 @@ pub struct AppState {
     loaded: OnceLock<Loaded>,
     /// What loading is doing now, for `/readyz`.
     phase: Mutex<String>,
-    /// Each model's state (`loading`, `ready`, what it waits for).
-    model_states: Mutex<Vec<(String, String)>>,
+    /// Each model's state (`waiting`, `downloading: ...`, `loading`,
+    /// `ready`, `failed: ...`); shared with the thread that downloads.
+    model_states: Arc<Mutex<Vec<(String, String)>>>,
 }
 
 impl AppState {
@@ -358,7 +367,7 @@ impl AppState {
             metrics,
             loaded: OnceLock::new(),
             phase: Mutex::new("the model is still loading".into()),
-            model_states: Mutex::new(model_states),
+            model_states: Arc::new(Mutex::new(model_states)),
         }
     }
 
@@ -367,10 +376,7 @@ impl AppState {
     }
 
     fn set_model_state(&self, name: &str, state: impl Into<String>) {
-        let mut states = self.model_states.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = states.iter_mut().find(|(n, _)| n == name) {
-            s.1 = state.into();
-        }
+        set_state(&self.model_states, name, state.into());
     }
 
     /// Each model's state, in `--model` order.
@@ -403,8 +409,26 @@ impl AppState {
             cfg.quantization,
             cfg.limits.max_pixels,
         );
+        let (states, name) = (self.model_states.clone(), spec.name.clone());
         let loaded = tokio::task::spawn_blocking(move || {
-            let mut pipeline = Pipeline::load_with(&source, &device, dtype, quantization)?;
+            // A hub model not cached yet downloads first: /readyz says how far.
+            let on_progress = |p: &crate::hub::Progress| {
+                let state = format!(
+                    "downloading: {} of {} bytes ({})",
+                    p.done,
+                    p.total,
+                    p.human()
+                );
+                set_state(&states, &name, state);
+            };
+            let opts = crate::resolve::ResolveOptions {
+                refresh: false,
+                progress: Some(&on_progress),
+            };
+            let (resolved, _) = crate::resolve::resolve_with(&source, opts)?;
+            set_state(&states, &name, "loading".into());
+            let mut pipeline = Pipeline::from_resolved(resolved, &device, dtype)?;
+            pipeline.clip.quantize(quantization)?;
             pipeline.preprocessor = pipeline.preprocessor.clone().with_max_pixels(max_pixels);
             pipeline.warm_up()?;
             let fingerprint = pipeline.fingerprint()?;

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
+pub mod hub;
 pub mod postgres;
 pub mod server;
 
