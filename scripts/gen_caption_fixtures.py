@@ -8,7 +8,8 @@ Writes, deterministically and offline, into ``trainer/tests/fixtures/caption/``:
     hidden 48, 2 layers; text decoder: hidden 32, 2 layers) in the layout of
     ``Salesforce/blip-image-captioning-large``: ``config.json``,
     ``model.safetensors``, a WordPiece ``tokenizer.json`` (trained here, with
-    ``[DEC]`` as the decoder's start token) and ``preprocessor_config.json``.
+    ``[DEC]`` as the decoder's start token) and ``preprocessor_config.json``
+    (at the model's 32 px).
 ``marian/``
     a tiny random ``MarianMTModel`` (d_model 32, 2+2 layers, swish, scaled
     embeddings) in the layout of the OPUS-MT repos: ``config.json``,
@@ -128,14 +129,16 @@ TRANSLATE = [
 ]
 
 
-def peaked_(model: torch.nn.Module, seed: int) -> None:
+def peaked_(model: torch.nn.Module, seed: int, embed_std: float = 1.0) -> None:
     """Re-draws every parameter with a larger spread (deterministic)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
+            if "embed_positions" in name:  # Marian's sinusoids: fixed, not saved
+                continue
             if p.dim() >= 2:
                 fan_in = int(np.prod(p.shape[1:]))
-                std = 1.0 if "embed" in name or "embedding" in name else 1.5 / fan_in**0.5
+                std = embed_std if "embed" in name or "shared" in name else 1.5 / fan_in**0.5
                 p.copy_(torch.randn(p.shape, generator=g) * std)
             elif name.endswith("weight"):  # LayerNorm
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
@@ -205,7 +208,10 @@ def blip(ref: dict, tensors: dict) -> None:
     with torch.no_grad():
         model.text_decoder.cls.predictions.bias[sep] += 11.0
     model.save_pretrained(d, safe_serialization=True)
-    BlipImageProcessor().save_pretrained(d)
+    reloaded = BlipForConditionalGeneration.from_pretrained(d).eval()
+    # The model directory's processor at the model's size (the CLI tests caption
+    # with it); the reference below is the real 384 px processor.
+    BlipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(d)
 
     g = torch.Generator().manual_seed(2)
     pixels = torch.randn((3, 3, 32, 32), generator=g)
@@ -217,6 +223,10 @@ def blip(ref: dict, tensors: dict) -> None:
         start = torch.full((3, 1), cfg.text_config.bos_token_id, dtype=torch.long)
         logits = model.text_decoder(input_ids=start, encoder_hidden_states=image_embeds).logits[:, -1, :]
         tensors["blip.first_logits"] = logits.contiguous()
+        again = reloaded.text_decoder(
+            input_ids=start, encoder_hidden_states=reloaded.vision_model(pixel_values=pixels)[0]
+        ).logits[:, -1, :]
+        assert torch.allclose(logits, again, atol=1e-5), "the saved BLIP differs from the one in memory"
         runs = {
             "greedy": dict(num_beams=1, do_sample=False, max_new_tokens=12),
             "beam": dict(num_beams=3, do_sample=False, max_new_tokens=12),
@@ -340,7 +350,7 @@ def marian(ref: dict, tensors: dict) -> None:
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         model.final_logits_bias.copy_(0.3 * torch.randn(model.final_logits_bias.shape, generator=g))
-        model.final_logits_bias[0, 0] += 3.0
+        model.final_logits_bias[0, 0] += 1.5
     model.save_pretrained(d, safe_serialization=True)
     gen = {
         "bad_words_ids": [[pad]],
@@ -352,6 +362,7 @@ def marian(ref: dict, tensors: dict) -> None:
         "max_length": 16,
     }
     (d / "generation_config.json").write_text(json.dumps(gen, indent=1))
+    reloaded = MarianMTModel.from_pretrained(d).eval()
 
     enc = tok([">>por<< " + t for t in TRANSLATE], return_tensors="pt", padding=True)
     out = {"sentences": TRANSLATE, "input_ids": enc.input_ids.tolist(), "pad": pad}
@@ -359,6 +370,8 @@ def marian(ref: dict, tensors: dict) -> None:
         start = torch.full((len(TRANSLATE), 1), pad, dtype=torch.long)
         logits = model(**enc, decoder_input_ids=start).logits[:, -1, :]
         tensors["marian.first_logits"] = logits.contiguous()
+        again = reloaded(**enc, decoder_input_ids=start).logits[:, -1, :]
+        assert torch.allclose(logits, again, atol=1e-5), "the saved Marian differs from the one in memory"
         common = dict(bad_words_ids=[[pad]], forced_eos_token_id=0, do_sample=False)
         runs = {
             "greedy": dict(num_beams=1, max_new_tokens=12),

@@ -172,9 +172,54 @@ impl Source {
     }
 }
 
-/// Resolves `model` (a local directory, or a hub repo id) to its files and
-/// parses its configs.
-pub fn resolve(model: &str) -> Result<ResolvedModel> {
+/// A model given as a local directory or a hub repo id, whose files are
+/// fetched by name on demand (through the hub cache for a repo id): what
+/// models other than CLIP (the trainer's captioner and translator) load from.
+pub struct ModelSource {
+    model: String,
+    source: Source,
+}
+
+impl ModelSource {
+    /// `model` as given.
+    pub fn name(&self) -> &str {
+        &self.model
+    }
+
+    /// The local path of the model's file `file`.
+    pub fn get(&self, file: &str) -> Result<PathBuf> {
+        self.source.get(file).map_err(|message| Error::Resolve {
+            model: self.model.clone(),
+            message,
+        })
+    }
+
+    /// The first of `files` the model has.
+    pub fn first_of(&self, files: &[&str]) -> Result<PathBuf> {
+        let mut tried = Vec::new();
+        for f in files {
+            match self.source.get(f) {
+                Ok(p) => return Ok(p),
+                Err(e) => tried.push(e),
+            }
+        }
+        Err(Error::Resolve {
+            model: self.model.clone(),
+            message: format!("none of {}: {}", files.join(", "), tried.join("; ")),
+        })
+    }
+}
+
+/// Opens `model` (a local directory, or a hub repo id) without reading
+/// anything yet.
+pub fn open(model: &str) -> Result<ModelSource> {
+    Ok(ModelSource {
+        model: model.to_string(),
+        source: source(model)?,
+    })
+}
+
+fn source(model: &str) -> Result<Source> {
     let fail = |message: String| Error::Resolve {
         model: model.to_string(),
         message,
@@ -194,6 +239,17 @@ pub fn resolve(model: &str) -> Result<ResolvedModel> {
     } else {
         Source::Hub(Box::new(Hub::from_env()?), model.to_string())
     };
+    Ok(source)
+}
+
+/// Resolves `model` (a local directory, or a hub repo id) to its files and
+/// parses its configs.
+pub fn resolve(model: &str) -> Result<ResolvedModel> {
+    let fail = |message: String| Error::Resolve {
+        model: model.to_string(),
+        message,
+    };
+    let source = source(model)?;
     let config_path = source
         .get(CONFIG_FILE)
         .map_err(|e| fail(format!("no {CONFIG_FILE}: {e}")))?;
