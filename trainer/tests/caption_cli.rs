@@ -146,10 +146,13 @@ fn captions_shards_keeping_every_member_and_counting_bad_input() {
     // fit reads the new members: synthetic captions as generated-captions-pt.
     let (samples, _) = capivara_trainer::data::read_shard(&out.join("00000.tar"));
     assert_eq!(samples.len(), 6);
-    let pt: usize = samples.iter().map(|s| s.generated.len()).sum();
-    assert!(pt > 0);
     let (orig, _) = capivara_trainer::data::read_shard(&d.join("in/00000.tar"));
-    assert!(orig.iter().all(|s| s.generated.is_empty()));
+    let count = |v: &[capivara_trainer::data::Sample]| v.iter().map(|s| s.generated.len()).sum::<usize>();
+    assert!(count(&samples) > count(&orig), "the new members add generated captions");
+    for (a, b) in orig.iter().zip(&samples) {
+        // synth's own generated captions (in KEY.json) first, then the new ones.
+        assert_eq!(b.generated[..a.generated.len()], a.generated[..]);
+    }
     assert_eq!(orig.iter().map(|s| &s.captions).collect::<Vec<_>>(), samples.iter().map(|s| &s.captions).collect::<Vec<_>>());
     if let Some(own) = third.get("good.captions-pt.json") {
         let (g, _) = capivara_trainer::data::read_shard(&out.join("00002.tar"));
@@ -214,19 +217,25 @@ fn generated_captions_reach_fit() {
             "--generated-captions", generated, "--no-progress",
         ])
     };
+    // synth writes 3 captions and 2 generated captions per image (in KEY.json);
+    // caption's Portuguese captions join the generated ones (a translation
+    // equal to one of synth's is counted once).
     let all = fit(&format!("{d}/run-all"), "all");
     assert_eq!(all["samples"], 32);
-    assert_eq!(all["captions"], 32, "synth writes one caption per image");
-    assert_eq!(all["generated_captions"].as_u64().unwrap(), pt);
-    assert_eq!(all["generated_captions_used"].as_u64().unwrap(), pt);
+    assert_eq!(all["captions"], 96);
+    let generated = all["generated_captions"].as_u64().unwrap();
+    assert!(generated > 64 && generated <= 64 + pt, "{generated} vs 64 + {pt}");
+    assert_eq!(all["generated_captions_used"].as_u64().unwrap(), generated);
     let none = fit(&format!("{d}/run-none"), "0");
-    assert_eq!(none["generated_captions"].as_u64().unwrap(), pt);
+    assert_eq!(none["generated_captions"].as_u64().unwrap(), generated);
     assert_eq!(none["generated_captions_used"], 0);
+    let two = fit(&format!("{d}/run-two"), "2");
+    assert_eq!(two["generated_captions_used"], 64, "the first two: synth's own");
     // The original shards have none.
     ok(&["features", "--model", &m, "--shards", &format!("{d}/in/{{00000..00001}}.tar"), "--out", &format!("{d}/feat-in")]);
     let orig = ok(&[
         "fit", "--model", &m, "--shards", &format!("{d}/in/{{00000..00001}}.tar"), "--features", &format!("{d}/feat-in"),
         "--out", &format!("{d}/run-in"), "--max-steps", "2", "--warmup-steps", "1", "--batch-size", "16", "--micro-batch", "8", "--no-progress",
     ]);
-    assert_eq!(orig["generated_captions"], 0);
+    assert_eq!(orig["generated_captions"], 64);
 }
