@@ -48,7 +48,17 @@ pub fn resize_crop_rgb(img: &Decoded, size: usize) -> Vec<u8> {
         unpremultiply(&mut out, c);
         out
     } else {
-        resize_bicubic(&img.data, img.width, img.height, c, rw, rh, x0, y0, (size, size))
+        resize_bicubic(
+            &img.data,
+            img.width,
+            img.height,
+            c,
+            rw,
+            rh,
+            x0,
+            y0,
+            (size, size),
+        )
     };
     to_rgb(&resized, c)
 }
@@ -65,7 +75,11 @@ pub fn composite_on_white(img: &Decoded) -> Vec<u8> {
     let mut out = Vec::with_capacity(img.width * img.height * 3);
     for px in img.data.chunks_exact(c) {
         let a = u32::from(px[c - 1]);
-        let rgb = if c == 2 { [px[0]; 3] } else { [px[0], px[1], px[2]] };
+        let rgb = if c == 2 {
+            [px[0]; 3]
+        } else {
+            [px[0], px[1], px[2]]
+        };
         // AlphaComposite with dst = (255, 255, 255, 255).
         let blend = 255 * (255 - a);
         let outa255 = a * 255 + blend;
@@ -402,7 +416,7 @@ mod tests {
             }
         }
         let src: Vec<u8> = (0..=255u8).cycle().take(20 * 20).collect();
-        let out = resize_bicubic(&src, 20, 20, 1, 20, 20, 0, 0, 20);
+        let out = resize_bicubic(&src, 20, 20, 1, 20, 20, 0, 0, (20, 20));
         assert_eq!(out, src);
     }
 
@@ -415,5 +429,23 @@ mod tests {
         assert_eq!(&px[8..], &[100, 50, 25, 128]);
         unpremultiply(&mut px, 4);
         assert_eq!(&px[8..], &[199, 99, 49, 128]);
+    }
+
+    #[test]
+    fn hf_convert_to_rgb_composites_over_white() {
+        let img = Decoded {
+            width: 3,
+            height: 1,
+            channels: 4,
+            data: vec![10, 20, 30, 255, 10, 20, 30, 0, 0, 0, 0, 128],
+            nearest: false,
+        };
+        // Opaque: unchanged; transparent: white; half: half-way to white.
+        assert_eq!(
+            composite_on_white(&img),
+            [10, 20, 30, 255, 255, 255, 127, 127, 127]
+        );
+        let out = resize_rgb(&img, 6, 2);
+        assert_eq!(out.len(), 6 * 2 * 3);
     }
 }

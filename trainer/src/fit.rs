@@ -329,7 +329,10 @@ pub fn fit(
         generated_captions_used: set
             .items
             .iter()
-            .map(|i| cfg.generated_captions.map_or(i.generated.len(), |k| k.min(i.generated.len())))
+            .map(|i| {
+                cfg.generated_captions
+                    .map_or(i.generated.len(), |k| k.min(i.generated.len()))
+            })
             .sum(),
         first_loss,
         final_loss: last_loss,

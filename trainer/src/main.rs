@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use capivara_trainer::{caption, data, dataset, eval, features, fit, merge, model, optim, run, synth};
+use capivara_trainer::{
+    caption, data, dataset, eval, features, fit, merge, model, optim, run, synth,
+};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
@@ -228,10 +230,7 @@ struct CaptionArgs {
 fn run_caption(a: CaptionArgs) -> anyhow::Result<serde_json::Value> {
     anyhow::ensure!(a.per_image >= 1, "--per-image must be at least 1");
     anyhow::ensure!(a.num_beams >= 1, "--num-beams must be at least 1");
-    anyhow::ensure!(
-        a.top_p > 0.0 && a.top_p <= 1.0,
-        "--top-p must be in (0, 1]"
-    );
+    anyhow::ensure!(a.top_p > 0.0 && a.top_p <= 1.0, "--top-p must be in (0, 1]");
     anyhow::ensure!(a.temperature > 0.0, "--temperature must be positive");
     anyhow::ensure!(
         a.min_new_tokens <= a.max_new_tokens,

@@ -29,25 +29,55 @@ fn ids(v: &Value) -> Vec<Vec<u32>> {
     v.as_array()
         .unwrap()
         .iter()
-        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect())
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        })
         .collect()
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 fn captioner() -> Captioner {
-    Captioner::load(fixtures().join("blip").to_str().unwrap(), &Device::Cpu, DType::F32).unwrap()
+    Captioner::load(
+        fixtures().join("blip").to_str().unwrap(),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap()
 }
 
 fn translator() -> Translator {
-    Translator::load(fixtures().join("marian").to_str().unwrap(), "auto", &Device::Cpu, DType::F32).unwrap()
+    Translator::load(
+        fixtures().join("marian").to_str().unwrap(),
+        "auto",
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap()
 }
 
 /// `prompt + new` for each row, padded with `pad` to the longest (transformers' output).
 fn as_hf(prompts: &[Vec<u32>], new: &[Vec<u32>], pad: u32) -> Vec<Vec<u32>> {
-    let mut rows: Vec<Vec<u32>> = prompts.iter().zip(new).map(|(p, n)| p.iter().chain(n).copied().collect()).collect();
+    let mut rows: Vec<Vec<u32>> = prompts
+        .iter()
+        .zip(new)
+        .map(|(p, n)| p.iter().chain(n).copied().collect())
+        .collect();
     let len = rows.iter().map(Vec::len).max().unwrap_or(0);
     for r in &mut rows {
         r.resize(len, pad);
@@ -83,14 +113,31 @@ fn marian_tokenizer_ids_match_transformers() {
     assert!(cases.len() >= 6);
     for c in cases {
         let text = c["text"].as_str().unwrap();
-        let want: Vec<u32> = c["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = c["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
         assert_eq!(t.tokenizer.encode(text).unwrap(), want, "{text:?}");
-        let por: Vec<u32> = c["ids_por"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
-        assert_eq!(t.tokenizer.encode(&format!(">>por<< {text}")).unwrap(), por, "{text:?}");
+        let por: Vec<u32> = c["ids_por"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(
+            t.tokenizer.encode(&format!(">>por<< {text}")).unwrap(),
+            por,
+            "{text:?}"
+        );
         assert_eq!(t.source_ids(text).unwrap(), por, "{text:?}");
     }
     // Unknown characters are there, fused, and map to <unk>.
-    assert!(cases.iter().any(|c| c["ids"].as_array().unwrap().contains(&Value::from(t.tokenizer.unk))));
+    assert!(cases.iter().any(|c| c["ids"]
+        .as_array()
+        .unwrap()
+        .contains(&Value::from(t.tokenizer.unk))));
 }
 
 #[test]
@@ -120,12 +167,19 @@ fn blip_logits_and_generations_match_transformers() {
         let new = cap.best(&embeds, &[bos], &o).unwrap();
         assert_eq!(as_hf(&prompts, &new, pad), ids(&r[name]["ids"]), "{name}");
         let texts: Vec<String> = new.iter().map(|n| cap.decode(&[bos], n)).collect();
-        let want: Vec<String> = r[name]["text"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+        let want: Vec<String> = r[name]["text"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect();
         assert_eq!(texts, want, "{name}");
     }
     // Greedy finished some rows early and beams ran to the limit: the
     // references exercise both.
-    assert!(ids(&r["greedy"]["ids"]).iter().any(|row| row.contains(&(r["sep"].as_u64().unwrap() as u32))));
+    assert!(ids(&r["greedy"]["ids"])
+        .iter()
+        .any(|row| row.contains(&(r["sep"].as_u64().unwrap() as u32))));
 
     let p = &r["prompt"];
     let prompt = cap.prompt_ids(p["prompt"].as_str()).unwrap();
@@ -141,9 +195,17 @@ fn marian_logits_and_generations_match_transformers() {
     let t = tensors();
     let tr = translator();
     let pad = r["pad"].as_u64().unwrap() as u32;
-    let sentences: Vec<String> = r["sentences"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+    let sentences: Vec<String> = r["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect();
     // The padded batch transformers encoded, from our tokenizer.
-    let src: Vec<Vec<u32>> = sentences.iter().map(|s| tr.source_ids(s).unwrap()).collect();
+    let src: Vec<Vec<u32>> = sentences
+        .iter()
+        .map(|s| tr.source_ids(s).unwrap())
+        .collect();
     let padded = as_hf(&vec![vec![]; src.len()], &src, pad);
     assert_eq!(padded, ids(&r["input_ids"]));
     // First step, the whole batch (padding masked).
@@ -156,16 +218,27 @@ fn marian_logits_and_generations_match_transformers() {
     // One sentence alone gives its row of the padded batch.
     let (enc1, mask1) = tr.model.encode(&src[1..2]).unwrap();
     let mut dec1 = tr.model.start(&enc1, &mask1).unwrap();
-    let l1 = dec1.step(&Tensor::new(&[[pad]], &Device::Cpu).unwrap()).unwrap();
+    let l1 = dec1
+        .step(&Tensor::new(&[[pad]], &Device::Cpu).unwrap())
+        .unwrap();
     assert!(max_diff(&l1, &logits.narrow(0, 1, 1).unwrap()) < 1e-4);
 
     for (name, beams, min) in [("greedy", 1, 0), ("beam", 3, 0), ("greedy_min", 1, 6)] {
         let mut cfg = tr.gen_config(beams, 12);
         cfg.min_new_tokens = min;
         let new = tr.generate_ids(&src, &cfg).unwrap();
-        assert_eq!(as_hf(&vec![vec![pad]; 3], &new, pad), ids(&r[name]["ids"]), "{name}");
+        assert_eq!(
+            as_hf(&vec![vec![pad]; 3], &new, pad),
+            ids(&r[name]["ids"]),
+            "{name}"
+        );
         let texts: Vec<String> = new.iter().map(|n| tr.tokenizer.decode(n)).collect();
-        let want: Vec<String> = r[name]["text"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+        let want: Vec<String> = r[name]["text"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect();
         assert_eq!(texts, want, "{name}");
     }
     // translate(): any batch size, any order, the same translations.
@@ -173,7 +246,12 @@ fn marian_logits_and_generations_match_transformers() {
     let one = tr.translate(&sentences, 1, &cfg).unwrap();
     let all = tr.translate(&sentences, 8, &cfg).unwrap();
     assert_eq!(one, all);
-    let want: Vec<String> = r["greedy"]["text"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+    let want: Vec<String> = r["greedy"]["text"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect();
     assert_eq!(all, want);
 }
 
@@ -188,15 +266,27 @@ fn blip_preprocessing_is_within_2_of_transformers() {
         dims: (384, 384),
         ..cap
     };
-    let mean: Vec<f32> = r["mean"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+    let mean: Vec<f32> = r["mean"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
     assert_eq!(cap.processor.image_mean.to_vec(), mean);
     let images = r["images"].as_object().unwrap();
     assert!(images.len() >= 4);
     for (name, v) in images {
-        let bytes = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/images").join(name)).unwrap();
+        let bytes = std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/fixtures/images")
+                .join(name),
+        )
+        .unwrap();
         let rgb = cap.rgb(&bytes).unwrap();
         assert_eq!(rgb.len(), 384 * 384 * 3);
-        let png = image::open(fixtures().join(v["png"].as_str().unwrap())).unwrap().to_rgb8();
+        let png = image::open(fixtures().join(v["png"].as_str().unwrap()))
+            .unwrap()
+            .to_rgb8();
         let (w, h) = png.dimensions();
         assert_eq!((w, h), (128, 128));
         let mut worst = 0i32;
@@ -218,7 +308,10 @@ fn blip_preprocessing_is_within_2_of_transformers() {
             for x in 0..4 {
                 let want = first[c][x].as_f64().unwrap() as f32;
                 let got = px[c * 384 * 384 + x];
-                assert!((got - want).abs() <= 2.0 / 255.0 / cap.processor.image_std[c] + 1e-5, "{name} c{c} x{x}: {got} vs {want}");
+                assert!(
+                    (got - want).abs() <= 2.0 / 255.0 / cap.processor.image_std[c] + 1e-5,
+                    "{name} c{c} x{x}: {got} vs {want}"
+                );
             }
         }
     }
@@ -231,7 +324,15 @@ fn sampling_is_reproducible_and_per_image_captions_are_distinct() {
     let t = tensors();
     // The reference's normalised 32 px pixels.
     let pixels: Vec<Vec<f32>> = (0..3)
-        .map(|i| t["blip.pixel_values"].get(i).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+        .map(|i| {
+            t["blip.pixel_values"]
+                .get(i)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
         .collect();
     let small = cap;
     assert_eq!(small.dims, (32, 32));
@@ -252,7 +353,9 @@ fn sampling_is_reproducible_and_per_image_captions_are_distinct() {
     }
     // The first caption is the beam search's.
     let embeds = small.embed(&pixels).unwrap();
-    let best = small.best(&embeds, &[small.model.config.text_config.bos_token_id], &o).unwrap();
+    let best = small
+        .best(&embeds, &[small.model.config.text_config.bos_token_id], &o)
+        .unwrap();
     let bos = small.model.config.text_config.bos_token_id;
     let first = small.decode(&[bos], &best[0]);
     if !is_degenerate(&first) {
@@ -272,7 +375,9 @@ fn sampling_is_reproducible_and_per_image_captions_are_distinct() {
     g.sampling.temperature = 0.01;
     let s = caption_batch(&small, &pixels, &keys, &g).unwrap();
     let greedy = small.best(&embeds, &[bos], &options(10, 0, 1)).unwrap();
-    let same = (0..3).filter(|&i| s.captions[i].first() == Some(&small.decode(&[bos], &greedy[i]))).count();
+    let same = (0..3)
+        .filter(|&i| s.captions[i].first() == Some(&small.decode(&[bos], &greedy[i])))
+        .count();
     assert!(same >= 2, "{:?}", s.captions);
 }
 
@@ -284,14 +389,19 @@ fn degenerate_captions_and_normalisation() {
     assert!(is_degenerate("Dog, dog. DOG!"));
     assert!(!is_degenerate("dog"));
     assert!(!is_degenerate("a dog on a sofa"));
-    assert_eq!(normalize_caption("  A Dog,  on the SOFA! "), "a dog on the sofa");
+    assert_eq!(
+        normalize_caption("  A Dog,  on the SOFA! "),
+        "a dog on the sofa"
+    );
     // The top-p/top-k draw never picks a banned (-inf) token.
     let _ = generate::draw_rng(1, "k", 0);
     struct Fixed;
     impl Decoder for Fixed {
         fn step(&mut self, t: &Tensor) -> candle_core::Result<Tensor> {
             let n = t.dim(0)?;
-            Tensor::new(&[0f32, 5.0, 5.0, 4.0, -1.0], &Device::Cpu)?.unsqueeze(0)?.repeat((n, 1))
+            Tensor::new(&[0f32, 5.0, 5.0, 4.0, -1.0], &Device::Cpu)?
+                .unsqueeze(0)?
+                .repeat((n, 1))
         }
         fn select(&mut self, _: &[u32]) -> candle_core::Result<()> {
             Ok(())
@@ -319,5 +429,8 @@ fn degenerate_captions_and_normalisation() {
         assert_eq!(*row.last().unwrap(), 0, "forced EOS at the limit");
         assert!(row[..5].iter().all(|&t| t == 1 || t == 3), "{row:?}");
     }
-    assert!(out.iter().flatten().any(|&t| t == 3), "top-k 3 without the banned token keeps token 3");
+    assert!(
+        out.iter().flatten().any(|&t| t == 3),
+        "top-k 3 without the banned token keeps token 3"
+    );
 }

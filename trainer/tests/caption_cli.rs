@@ -13,7 +13,9 @@ mod common;
 use common::{fails, ok, s, tiny};
 
 fn fixture(name: &str) -> String {
-    s(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/caption").join(name))
+    s(&Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/caption")
+        .join(name))
 }
 
 /// A shard's members, name -> bytes, in order.
@@ -67,7 +69,17 @@ fn list(bytes: &[u8]) -> Vec<String> {
 fn captions_shards_keeping_every_member_and_counting_bad_input() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    ok(&["synth", "--out", &s(&d.join("in")), "--shards", "2", "--per-shard", "6", "--seed", "3"]);
+    ok(&[
+        "synth",
+        "--out",
+        &s(&d.join("in")),
+        "--shards",
+        "2",
+        "--per-shard",
+        "6",
+        "--seed",
+        "3",
+    ]);
     // A third shard of bad samples, and a fourth cut in the middle.
     let png = members(&d.join("in/00000.tar"))
         .into_iter()
@@ -81,7 +93,10 @@ fn captions_shards_keeping_every_member_and_counting_bad_input() {
             ("bad.json", br#"{"captions-pt": ["nada"]}"#),
             ("noimage.json", br#"{"captions-pt": ["sem imagem"]}"#),
             ("good.png", &png),
-            ("good.json", br#"{"captions-pt": ["boa"], "captions-en": ["a red circle", "two dogs"]}"#),
+            (
+                "good.json",
+                br#"{"captions-pt": ["boa"], "captions-en": ["a red circle", "two dogs"]}"#,
+            ),
             ("good.txt", b"a small boat on a calm lake\n"),
         ],
     );
@@ -91,7 +106,14 @@ fn captions_shards_keeping_every_member_and_counting_bad_input() {
     let sum = caption(
         &format!("{}/in/{{00000..00003}}.tar", s(d)),
         &out,
-        &["--per-image", "3", "--batch-size", "4", "--source-captions", "captions-en"],
+        &[
+            "--per-image",
+            "3",
+            "--batch-size",
+            "4",
+            "--source-captions",
+            "captions-en",
+        ],
     );
     assert_eq!(sum["shards"], 4);
     assert_eq!(sum["skipped"]["undecodable"], 1);
@@ -105,7 +127,11 @@ fn captions_shards_keeping_every_member_and_counting_bad_input() {
     assert!(sum["captions_en"].as_u64().unwrap() >= images as u64);
     assert!(sum["captions_pt"].as_u64().unwrap() > 0);
     // The good sample's two own captions were translated (or found empty).
-    assert!(sum["source_captions_pt"].as_u64().unwrap() + sum["skipped"]["empty_translations"].as_u64().unwrap() >= 2);
+    assert!(
+        sum["source_captions_pt"].as_u64().unwrap()
+            + sum["skipped"]["empty_translations"].as_u64().unwrap()
+            >= 2
+    );
     for k in ["seconds", "images_per_second", "sentences_per_second"] {
         assert!(sum[k].as_f64().unwrap() > 0.0, "{k}");
     }
@@ -113,10 +139,18 @@ fn captions_shards_keeping_every_member_and_counting_bad_input() {
     for i in 0..4 {
         let name = format!("{i:05}.tar");
         // The cut shard is a prefix of 00001.tar.
-        let src = if i == 3 { "00001.tar".to_string() } else { name.clone() };
+        let src = if i == 3 {
+            "00001.tar".to_string()
+        } else {
+            name.clone()
+        };
         let before = members(&d.join("in").join(&src));
         let after: BTreeMap<String, Vec<u8>> = members(&out.join(&name)).into_iter().collect();
-        let complete = if i == 3 { cut_kept_keys(&out.join(&name)) } else { vec![] };
+        let complete = if i == 3 {
+            cut_kept_keys(&out.join(&name))
+        } else {
+            vec![]
+        };
         for (n, b) in &before {
             if i == 3 && !complete.iter().any(|k| n.starts_with(&format!("{k}."))) {
                 continue;
@@ -127,7 +161,10 @@ fn captions_shards_keeping_every_member_and_counting_bad_input() {
             if let Some(key) = n.strip_suffix(".generated-captions-en.json") {
                 let en = list(b);
                 assert!(!en.is_empty() && en.len() <= 3, "{en:?}");
-                let mut norm: Vec<String> = en.iter().map(|c| capivara_trainer::caption::normalize_caption(c)).collect();
+                let mut norm: Vec<String> = en
+                    .iter()
+                    .map(|c| capivara_trainer::caption::normalize_caption(c))
+                    .collect();
                 norm.sort();
                 norm.dedup();
                 assert_eq!(norm.len(), en.len(), "distinct: {en:?}");
@@ -141,19 +178,28 @@ fn captions_shards_keeping_every_member_and_counting_bad_input() {
     }
     // The bad samples got nothing, and the good one its translated own captions.
     let third: BTreeMap<String, Vec<u8>> = members(&out.join("00002.tar")).into_iter().collect();
-    assert!(!third.keys().any(|n| n.starts_with("bad.generated") || n.starts_with("noimage.generated")));
+    assert!(!third
+        .keys()
+        .any(|n| n.starts_with("bad.generated") || n.starts_with("noimage.generated")));
     assert!(third.contains_key("good.generated-captions-en.json"));
     // fit reads the new members: synthetic captions as generated-captions-pt.
     let (samples, _) = capivara_trainer::data::read_shard(&out.join("00000.tar"));
     assert_eq!(samples.len(), 6);
     let (orig, _) = capivara_trainer::data::read_shard(&d.join("in/00000.tar"));
-    let count = |v: &[capivara_trainer::data::Sample]| v.iter().map(|s| s.generated.len()).sum::<usize>();
-    assert!(count(&samples) > count(&orig), "the new members add generated captions");
+    let count =
+        |v: &[capivara_trainer::data::Sample]| v.iter().map(|s| s.generated.len()).sum::<usize>();
+    assert!(
+        count(&samples) > count(&orig),
+        "the new members add generated captions"
+    );
     for (a, b) in orig.iter().zip(&samples) {
         // synth's own generated captions (in KEY.json) first, then the new ones.
         assert_eq!(b.generated[..a.generated.len()], a.generated[..]);
     }
-    assert_eq!(orig.iter().map(|s| &s.captions).collect::<Vec<_>>(), samples.iter().map(|s| &s.captions).collect::<Vec<_>>());
+    assert_eq!(
+        orig.iter().map(|s| &s.captions).collect::<Vec<_>>(),
+        samples.iter().map(|s| &s.captions).collect::<Vec<_>>()
+    );
     if let Some(own) = third.get("good.captions-pt.json") {
         let (g, _) = capivara_trainer::data::read_shard(&out.join("00002.tar"));
         let good = g.iter().find(|s| s.key == "good").unwrap();
@@ -163,24 +209,61 @@ fn captions_shards_keeping_every_member_and_counting_bad_input() {
 
     // --resume: finished shards are left alone.
     let stamp = std::fs::read(out.join("00000.tar")).unwrap();
-    let again = caption(&format!("{}/in/{{00000..00003}}.tar", s(d)), &out, &["--resume", "--seed", "9"]);
+    let again = caption(
+        &format!("{}/in/{{00000..00003}}.tar", s(d)),
+        &out,
+        &["--resume", "--seed", "9"],
+    );
     assert_eq!(again["shards_resumed"], 4);
     assert_eq!(again["images"], 0);
     assert_eq!(std::fs::read(out.join("00000.tar")).unwrap(), stamp);
-    assert!(std::fs::read_dir(&out).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".tmp")));
+    assert!(std::fs::read_dir(&out).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .ends_with(".tmp")));
 
     // English only, greedy: one caption each, no Portuguese member.
     let en_only = d.join("en");
-    let sum = caption(&format!("{}/in/00000.tar", s(d)), &en_only, &["--no-translate", "--num-beams", "1"]);
+    let sum = caption(
+        &format!("{}/in/00000.tar", s(d)),
+        &en_only,
+        &["--no-translate", "--num-beams", "1"],
+    );
     assert_eq!(sum["captions_pt"], 0);
     let m = members(&en_only.join("00000.tar"));
-    assert!(m.iter().any(|(n, _)| n.ends_with(".generated-captions-en.json")));
-    assert!(!m.iter().any(|(n, _)| n.ends_with(".generated-captions-pt.json")));
+    assert!(m
+        .iter()
+        .any(|(n, _)| n.ends_with(".generated-captions-en.json")));
+    assert!(!m
+        .iter()
+        .any(|(n, _)| n.ends_with(".generated-captions-pt.json")));
 
     // Errors a user meets.
-    let err = fails(&["caption", "--shards", &format!("{}/in/00000.tar", s(d)), "--out", &s(&d.join("x")), "--captioner", &fixture("blip"), "--translator", &fixture("marian"), "--target-lang", "deu"]);
+    let err = fails(&[
+        "caption",
+        "--shards",
+        &format!("{}/in/00000.tar", s(d)),
+        "--out",
+        &s(&d.join("x")),
+        "--captioner",
+        &fixture("blip"),
+        "--translator",
+        &fixture("marian"),
+        "--target-lang",
+        "deu",
+    ]);
     assert!(err.contains(">>deu<<"), "{err}");
-    let err = fails(&["caption", "--shards", &format!("{}/in/00000.tar", s(d)), "--out", &s(&d.join("x")), "--captioner", &s(&d.join("nowhere")), "--no-translate"]);
+    let err = fails(&[
+        "caption",
+        "--shards",
+        &format!("{}/in/00000.tar", s(d)),
+        "--out",
+        &s(&d.join("x")),
+        "--captioner",
+        &s(&d.join("nowhere")),
+        "--no-translate",
+    ]);
     assert!(err.contains("no such directory"), "{err}");
 }
 
@@ -202,19 +285,58 @@ fn cut_kept_samples(path: &Path) -> usize {
 fn generated_captions_reach_fit() {
     let tmp = tempfile::tempdir().unwrap();
     let d = s(tmp.path());
-    ok(&["synth", "--out", &format!("{d}/in"), "--shards", "2", "--per-shard", "16", "--seed", "5"]);
-    let cap = caption(&format!("{d}/in/{{00000..00001}}.tar"), &PathBuf::from(format!("{d}/cap")), &["--per-image", "2"]);
+    ok(&[
+        "synth",
+        "--out",
+        &format!("{d}/in"),
+        "--shards",
+        "2",
+        "--per-shard",
+        "16",
+        "--seed",
+        "5",
+    ]);
+    let cap = caption(
+        &format!("{d}/in/{{00000..00001}}.tar"),
+        &PathBuf::from(format!("{d}/cap")),
+        &["--per-image", "2"],
+    );
     let pt = cap["captions_pt"].as_u64().unwrap();
     assert!(pt > 0, "{cap}");
     let shards = format!("{d}/cap/{{00000..00001}}.tar");
     let m = s(&tiny());
-    let f = ok(&["features", "--model", &m, "--shards", &shards, "--out", &format!("{d}/feat")]);
+    let f = ok(&[
+        "features",
+        "--model",
+        &m,
+        "--shards",
+        &shards,
+        "--out",
+        &format!("{d}/feat"),
+    ]);
     assert_eq!(f["embedded"], 32);
     let fit = |out: &str, generated: &str| {
         ok(&[
-            "fit", "--model", &m, "--shards", &shards, "--features", &format!("{d}/feat"), "--out", out,
-            "--max-steps", "3", "--warmup-steps", "1", "--batch-size", "16", "--micro-batch", "8",
-            "--generated-captions", generated, "--no-progress",
+            "fit",
+            "--model",
+            &m,
+            "--shards",
+            &shards,
+            "--features",
+            &format!("{d}/feat"),
+            "--out",
+            out,
+            "--max-steps",
+            "3",
+            "--warmup-steps",
+            "1",
+            "--batch-size",
+            "16",
+            "--micro-batch",
+            "8",
+            "--generated-captions",
+            generated,
+            "--no-progress",
         ])
     };
     // synth writes 3 captions and 2 generated captions per image (in KEY.json);
@@ -224,18 +346,48 @@ fn generated_captions_reach_fit() {
     assert_eq!(all["samples"], 32);
     assert_eq!(all["captions"], 96);
     let generated = all["generated_captions"].as_u64().unwrap();
-    assert!(generated > 64 && generated <= 64 + pt, "{generated} vs 64 + {pt}");
+    assert!(
+        generated > 64 && generated <= 64 + pt,
+        "{generated} vs 64 + {pt}"
+    );
     assert_eq!(all["generated_captions_used"].as_u64().unwrap(), generated);
     let none = fit(&format!("{d}/run-none"), "0");
     assert_eq!(none["generated_captions"].as_u64().unwrap(), generated);
     assert_eq!(none["generated_captions_used"], 0);
     let two = fit(&format!("{d}/run-two"), "2");
-    assert_eq!(two["generated_captions_used"], 64, "the first two: synth's own");
+    assert_eq!(
+        two["generated_captions_used"], 64,
+        "the first two: synth's own"
+    );
     // The original shards have none.
-    ok(&["features", "--model", &m, "--shards", &format!("{d}/in/{{00000..00001}}.tar"), "--out", &format!("{d}/feat-in")]);
+    ok(&[
+        "features",
+        "--model",
+        &m,
+        "--shards",
+        &format!("{d}/in/{{00000..00001}}.tar"),
+        "--out",
+        &format!("{d}/feat-in"),
+    ]);
     let orig = ok(&[
-        "fit", "--model", &m, "--shards", &format!("{d}/in/{{00000..00001}}.tar"), "--features", &format!("{d}/feat-in"),
-        "--out", &format!("{d}/run-in"), "--max-steps", "2", "--warmup-steps", "1", "--batch-size", "16", "--micro-batch", "8", "--no-progress",
+        "fit",
+        "--model",
+        &m,
+        "--shards",
+        &format!("{d}/in/{{00000..00001}}.tar"),
+        "--features",
+        &format!("{d}/feat-in"),
+        "--out",
+        &format!("{d}/run-in"),
+        "--max-steps",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--batch-size",
+        "16",
+        "--micro-batch",
+        "8",
+        "--no-progress",
     ]);
     assert_eq!(orig["generated_captions"], 64);
 }

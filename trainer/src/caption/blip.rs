@@ -181,7 +181,10 @@ impl BlipVision {
 
     pub fn forward(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
         let n = pixels.dim(0)?;
-        let p = pixels.apply(&self.patch)?.flatten_from(2)?.transpose(1, 2)?;
+        let p = pixels
+            .apply(&self.patch)?
+            .flatten_from(2)?
+            .transpose(1, 2)?;
         let d = self.class.dim(2)?;
         let cls = self.class.broadcast_as((n, 1, d))?.to_dtype(p.dtype())?;
         let mut x = Tensor::cat(&[&cls, &p], 1)?.broadcast_add(&self.positions)?;
@@ -345,9 +348,7 @@ impl Decoder for BlipDecoder<'_> {
             x = l.ln.forward(&(f + &x)?)?;
         }
         self.past += t;
-        let y = last_position(&x)?
-            .apply(&m.transform)?
-            .apply(&m.act)?;
+        let y = last_position(&x)?.apply(&m.transform)?.apply(&m.act)?;
         m.transform_ln.forward(&y)?.apply(&m.decoder)
     }
 

@@ -58,7 +58,11 @@ fn process(cfg: &GenConfig, row: &mut [f32], cur: usize, prompt: usize) {
     if let Some(e) = cfg.forced_eos {
         if cur == prompt + cfg.max_new_tokens - 1 {
             for (i, v) in row.iter_mut().enumerate() {
-                *v = if i == e as usize { 0.0 } else { f32::NEG_INFINITY };
+                *v = if i == e as usize {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                };
             }
         }
     }
@@ -100,7 +104,10 @@ fn sample(row: &[f32], s: &Sampling, rng: &mut impl Rng) -> u32 {
         idx.truncate(s.top_k);
     }
     let m = row[idx[0]] / t;
-    let p: Vec<f64> = idx.iter().map(|&i| f64::from((row[i] / t - m).exp())).collect();
+    let p: Vec<f64> = idx
+        .iter()
+        .map(|&i| f64::from((row[i] / t - m).exp()))
+        .collect();
     let total: f64 = p.iter().sum();
     // Keep the smallest prefix whose mass reaches top_p (at least one token).
     let mut keep = idx.len();
@@ -293,8 +300,12 @@ pub fn beam_search(
         }
         cur += 1;
         for b in 0..batch {
-            let best_running = running[b][0].1 / ((cur - prompt_len) as f64).powf(cfg.length_penalty) as f32;
-            let worst = finished[b].iter().map(|f| f.1).fold(f32::INFINITY, f32::min);
+            let best_running =
+                running[b][0].1 / ((cur - prompt_len) as f64).powf(cfg.length_penalty) as f32;
+            let worst = finished[b]
+                .iter()
+                .map(|f| f.1)
+                .fold(f32::INFINITY, f32::min);
             let improvable = finished[b]
                 .iter()
                 .any(|f| best_running > if f.2 { worst } else { -1.0e9 });

@@ -7,7 +7,11 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
 /// A `VarBuilder` over a `.safetensors` (memory-mapped) or a PyTorch `.bin`.
-pub fn var_builder(weights: &Path, dtype: DType, device: &Device) -> anyhow::Result<VarBuilder<'static>> {
+pub fn var_builder(
+    weights: &Path,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<VarBuilder<'static>> {
     let is_safetensors = weights
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
@@ -47,7 +51,12 @@ pub fn attend(
 
 /// The causal mask of `t` new positions after `past` cached ones: `(t, past + t)`,
 /// or none for a single position.
-pub fn causal_mask(t: usize, past: usize, dtype: DType, device: &Device) -> candle_core::Result<Option<Tensor>> {
+pub fn causal_mask(
+    t: usize,
+    past: usize,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<Option<Tensor>> {
     if t <= 1 {
         return Ok(None);
     }
@@ -55,7 +64,9 @@ pub fn causal_mask(t: usize, past: usize, dtype: DType, device: &Device) -> cand
     let m: Vec<f32> = (0..t)
         .flat_map(|i| (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
-    Ok(Some(Tensor::from_vec(m, (t, total), device)?.to_dtype(dtype)?))
+    Ok(Some(
+        Tensor::from_vec(m, (t, total), device)?.to_dtype(dtype)?,
+    ))
 }
 
 /// A self-attention cache: keys and values `(rows, heads, t, d)`.

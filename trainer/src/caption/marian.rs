@@ -211,7 +211,11 @@ impl Marian {
         } else {
             Tensor::zeros((1, dec_vocab), vb.dtype(), vb.device())?
         };
-        let embed_scale = if c.scale_embedding { (d as f64).sqrt() } else { 1.0 };
+        let embed_scale = if c.scale_embedding {
+            (d as f64).sqrt()
+        } else {
+            1.0
+        };
         let act = c.activation_function;
         Ok(Self {
             positions: sinusoids(c.max_position_embeddings, d, vb.device(), vb.dtype())?,

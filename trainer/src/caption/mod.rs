@@ -46,8 +46,10 @@ pub const SOURCE_PT_MEMBER: &str = crate::data::CAPTIONS_MEMBER;
 const WEIGHTS: [&str; 2] = ["model.safetensors", "pytorch_model.bin"];
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<T> {
-    serde_json::from_slice(&std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
-        .with_context(|| format!("parsing {}", path.display()))
+    serde_json::from_slice(
+        &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", path.display()))
 }
 
 /// BLIP's image processor settings (`preprocessor_config.json`).
@@ -64,8 +66,8 @@ impl Default for ImageProcessorConfig {
     fn default() -> Self {
         Self {
             size: None,
-            image_mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
-            image_std: [0.268_629_54, 0.261_302_58, 0.275_777_11],
+            image_mean: capivara::model::config::OPENAI_MEAN,
+            image_std: capivara::model::config::OPENAI_STD,
             rescale_factor: 1.0 / 255.0,
         }
     }
@@ -116,7 +118,8 @@ impl Captioner {
         let tokenizer = tokenizers::Tokenizer::from_file(src.get("tokenizer.json")?)
             .map_err(|e| anyhow::anyhow!("{model}: tokenizer.json: {e}"))?;
         let vb = layers::var_builder(&src.first_of(&WEIGHTS)?, dtype, device)?;
-        let model_ = Blip::new(config, vb).with_context(|| format!("loading the captioner {model}"))?;
+        let model_ =
+            Blip::new(config, vb).with_context(|| format!("loading the captioner {model}"))?;
         let dims = processor.dims(model_.config.vision_config.image_size);
         Ok(Self {
             model: model_,
@@ -131,8 +134,13 @@ impl Captioner {
     /// Image bytes -> the RGB bytes the processor rescales: `convert('RGB')`
     /// then a bicubic resize to the model's size (aspect not kept).
     pub fn rgb(&self, bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
-        let img = capivara::preprocess::decode::decode(bytes, capivara::preprocess::DEFAULT_MAX_PIXELS)?;
-        Ok(capivara::preprocess::resample::resize_rgb(&img, self.dims.0, self.dims.1))
+        let img =
+            capivara::preprocess::decode::decode(bytes, capivara::preprocess::DEFAULT_MAX_PIXELS)?;
+        Ok(capivara::preprocess::resample::resize_rgb(
+            &img,
+            self.dims.0,
+            self.dims.1,
+        ))
     }
 
     /// RGB bytes (`h x w x 3`) -> normalised CHW values.
@@ -142,7 +150,8 @@ impl Captioner {
         let mut out = vec![0f32; 3 * n];
         for c in 0..3 {
             for (i, o) in out[c * n..(c + 1) * n].iter_mut().enumerate() {
-                *o = (f32::from(rgb[i * 3 + c]) * p.rescale_factor - p.image_mean[c]) / p.image_std[c];
+                *o = (f32::from(rgb[i * 3 + c]) * p.rescale_factor - p.image_mean[c])
+                    / p.image_std[c];
             }
         }
         out
@@ -157,8 +166,8 @@ impl Captioner {
     pub fn embed(&self, pixels: &[Vec<f32>]) -> anyhow::Result<Tensor> {
         let (w, h) = self.dims;
         let flat: Vec<f32> = pixels.iter().flatten().copied().collect();
-        let t = Tensor::from_vec(flat, (pixels.len(), 3, h, w), &self.device)?
-            .to_dtype(self.dtype)?;
+        let t =
+            Tensor::from_vec(flat, (pixels.len(), 3, h, w), &self.device)?.to_dtype(self.dtype)?;
         Ok(self.model.vision.forward(&t)?)
     }
 
@@ -194,16 +203,27 @@ impl Captioner {
     /// The caption text of `prompt` + `new` ids (special tokens skipped).
     pub fn decode(&self, prompt: &[u32], new: &[u32]) -> String {
         let ids: Vec<u32> = prompt.iter().chain(new).copied().collect();
-        self.tokenizer.decode(&ids, true).unwrap_or_default().trim().to_string()
+        self.tokenizer
+            .decode(&ids, true)
+            .unwrap_or_default()
+            .trim()
+            .to_string()
     }
 
     /// One deterministic caption per image: beam search (greedy with one beam).
-    pub fn best(&self, embeds: &Tensor, prompt: &[u32], o: &CaptionOptions) -> anyhow::Result<Vec<Vec<u32>>> {
+    pub fn best(
+        &self,
+        embeds: &Tensor,
+        prompt: &[u32],
+        o: &CaptionOptions,
+    ) -> anyhow::Result<Vec<Vec<u32>>> {
         let cfg = self.gen_config(o);
         let n = embeds.dim(0)?;
         let prompts = vec![prompt.to_vec(); n];
         if o.num_beams > 1 {
-            let idx: Vec<u32> = (0..n as u32).flat_map(|i| std::iter::repeat_n(i, o.num_beams)).collect();
+            let idx: Vec<u32> = (0..n as u32)
+                .flat_map(|i| std::iter::repeat_n(i, o.num_beams))
+                .collect();
             let rows = embeds.index_select(&Tensor::new(idx.as_slice(), &self.device)?, 0)?;
             let mut dec = self.model.text.start(&rows)?;
             Ok(generate::beam_search(&mut dec, &prompts, &cfg)?)
@@ -229,7 +249,12 @@ impl Captioner {
         let e = embeds.index_select(&Tensor::new(rows, &self.device)?, 0)?;
         let mut dec = self.model.text.start(&e)?;
         let prompts = vec![prompt.to_vec(); rows.len()];
-        Ok(generate::greedy(&mut dec, &prompts, &cfg, Some((&o.sampling, rngs)))?)
+        Ok(generate::greedy(
+            &mut dec,
+            &prompts,
+            &cfg,
+            Some((&o.sampling, rngs)),
+        )?)
     }
 }
 
@@ -283,7 +308,12 @@ pub struct Captions {
 /// `per_image` distinct captions of each image (`keys` name them for the
 /// sampling seeds): the deterministic one first (unless `sample_all`), then
 /// samples until enough distinct ones or `max_draws`.
-pub fn caption_batch(cap: &Captioner, pixels: &[Vec<f32>], keys: &[String], o: &CaptionOptions) -> anyhow::Result<Captions> {
+pub fn caption_batch(
+    cap: &Captioner,
+    pixels: &[Vec<f32>],
+    keys: &[String],
+    o: &CaptionOptions,
+) -> anyhow::Result<Captions> {
     let n = pixels.len();
     let mut out = Captions {
         captions: vec![Vec::new(); n],
@@ -298,7 +328,9 @@ pub fn caption_batch(cap: &Captioner, pixels: &[Vec<f32>], keys: &[String], o: &
     let mut draws = vec![0usize; n];
     let mut accept = |out: &mut Captions, i: usize, ids: &[u32]| {
         let text = cap.decode(&prompt, ids);
-        if is_degenerate(&text) || normalize_caption(&text) == normalize_caption(o.prompt.as_deref().unwrap_or("")) {
+        if is_degenerate(&text)
+            || normalize_caption(&text) == normalize_caption(o.prompt.as_deref().unwrap_or(""))
+        {
             out.degenerate += 1;
         } else if seen[i].insert(normalize_caption(&text)) {
             out.captions[i].push(text);
@@ -351,32 +383,47 @@ impl Translator {
     /// `vocab.json`, `generation_config.json` (optional). `language`: the
     /// target-language token (`>>por<<`), `auto` for `>>por<<` when the
     /// vocabulary has language tokens.
-    pub fn load(model: &str, language: &str, device: &Device, dtype: DType) -> anyhow::Result<Self> {
+    pub fn load(
+        model: &str,
+        language: &str,
+        device: &Device,
+        dtype: DType,
+    ) -> anyhow::Result<Self> {
         let src = capivara::resolve::open(model)?;
         let config: MarianConfig = read_json(&src.get("config.json")?)?;
         let generation = match src.get("generation_config.json") {
             Ok(p) => read_json(&p)?,
             Err(_) => MarianGeneration::default(),
         };
-        let tokenizer = MarianTokenizer::from_files(&src.get("source.spm")?, &src.get("vocab.json")?)?;
+        let tokenizer =
+            MarianTokenizer::from_files(&src.get("source.spm")?, &src.get("vocab.json")?)?;
         let codes = tokenizer.language_tokens();
         let language = match language {
             "auto" if codes.is_empty() => None,
-            "auto" => Some(
-                tokenizer
-                    .token_id(">>por<<")
-                    .with_context(|| format!("{model} needs a target-language token (--target-lang), one of {}", codes.join(" ")))?,
-            ),
+            "auto" => Some(tokenizer.token_id(">>por<<").with_context(|| {
+                format!(
+                    "{model} needs a target-language token (--target-lang), one of {}",
+                    codes.join(" ")
+                )
+            })?),
             "none" => None,
             code => {
-                let code = if code.starts_with(">>") { code.to_string() } else { format!(">>{code}<<") };
+                let code = if code.starts_with(">>") {
+                    code.to_string()
+                } else {
+                    format!(">>{code}<<")
+                };
                 Some(tokenizer.token_id(&code).with_context(|| {
-                    format!("{model} has no target-language token {code} (it has: {})", codes.join(" "))
+                    format!(
+                        "{model} has no target-language token {code} (it has: {})",
+                        codes.join(" ")
+                    )
                 })?)
             }
         };
         let vb = layers::var_builder(&src.first_of(&WEIGHTS)?, dtype, device)?;
-        let model_ = Marian::new(config, vb).with_context(|| format!("loading the translator {model}"))?;
+        let model_ =
+            Marian::new(config, vb).with_context(|| format!("loading the translator {model}"))?;
         Ok(Self {
             model: model_,
             tokenizer,
@@ -419,7 +466,10 @@ impl Translator {
             eos: c.eos_token_id,
             pad: c.pad_token_id,
             banned,
-            forced_eos: self.generation.forced_eos_token_id.or(c.forced_eos_token_id),
+            forced_eos: self
+                .generation
+                .forced_eos_token_id
+                .or(c.forced_eos_token_id),
         }
     }
 
@@ -432,7 +482,9 @@ impl Translator {
                 .flat_map(|i| std::iter::repeat_n(i, cfg.num_beams))
                 .collect();
             let idx = Tensor::new(idx.as_slice(), enc.device())?;
-            let mut dec = self.model.start(&enc.index_select(&idx, 0)?, &mask.index_select(&idx, 0)?)?;
+            let mut dec = self
+                .model
+                .start(&enc.index_select(&idx, 0)?, &mask.index_select(&idx, 0)?)?;
             Ok(generate::beam_search(&mut dec, &start, cfg)?)
         } else {
             let mut dec = self.model.start(&enc, &mask)?;
@@ -441,8 +493,16 @@ impl Translator {
     }
 
     /// Translates `texts`, `batch` at a time (sorted by length, to pad little).
-    pub fn translate(&self, texts: &[String], batch: usize, cfg: &GenConfig) -> anyhow::Result<Vec<String>> {
-        let ids: Vec<Vec<u32>> = texts.iter().map(|t| self.source_ids(t)).collect::<anyhow::Result<_>>()?;
+    pub fn translate(
+        &self,
+        texts: &[String],
+        batch: usize,
+        cfg: &GenConfig,
+    ) -> anyhow::Result<Vec<String>> {
+        let ids: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| self.source_ids(t))
+            .collect::<anyhow::Result<_>>()?;
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| ids[i].len());
         let mut out = vec![String::new(); texts.len()];

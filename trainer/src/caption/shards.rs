@@ -12,7 +12,9 @@ use capivara::webdataset::{split_key, IMAGE_EXTS};
 use serde::Serialize;
 
 use super::generate::GenConfig;
-use super::{caption_batch, CaptionOptions, Captioner, Translator, EN_MEMBER, PT_MEMBER, SOURCE_PT_MEMBER};
+use super::{
+    caption_batch, CaptionOptions, Captioner, Translator, EN_MEMBER, PT_MEMBER, SOURCE_PT_MEMBER,
+};
 
 /// One tar member, as read.
 pub struct Member {
@@ -50,7 +52,10 @@ impl Sample {
         let from_json = |v: &serde_json::Value| -> Vec<String> {
             match v {
                 serde_json::Value::String(s) => vec![s.clone()],
-                serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_str().map(String::from)).collect(),
+                serde_json::Value::Array(a) => a
+                    .iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect(),
                 _ => vec![],
             }
         };
@@ -92,9 +97,14 @@ pub fn read_samples(path: &Path) -> (Vec<Sample>, Option<std::io::Error>) {
             if !header.entry_type().is_file() {
                 continue;
             }
-            let key = split_key(&name).map(|k| k.0).unwrap_or_else(|| name.clone());
+            let key = split_key(&name)
+                .map(|k| k.0)
+                .unwrap_or_else(|| name.clone());
             let i = *index.entry(key.clone()).or_insert_with(|| {
-                samples.push(Sample { key, members: vec![] });
+                samples.push(Sample {
+                    key,
+                    members: vec![],
+                });
                 samples.len() - 1
             });
             samples[i].members.push(Member { name, header, data });
@@ -158,7 +168,12 @@ pub struct CaptionRun<'a> {
     pub progress: bool,
 }
 
-fn json_member(key: &str, ext: &str, list: &[String], like: Option<&tar::Header>) -> anyhow::Result<Member> {
+fn json_member(
+    key: &str,
+    ext: &str,
+    list: &[String],
+    like: Option<&tar::Header>,
+) -> anyhow::Result<Member> {
     let data = serde_json::to_vec(list)?;
     let mut header = tar::Header::new_gnu();
     header.set_size(data.len() as u64);
@@ -174,10 +189,14 @@ fn json_member(key: &str, ext: &str, list: &[String], like: Option<&tar::Header>
 
 /// Writes `samples` (with their new members) to `dest` atomically.
 fn write_shard(dest: &Path, samples: &[Sample]) -> anyhow::Result<()> {
-    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dest.with_file_name(format!(".{name}.tmp"));
     {
-        let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let file =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let mut b = tar::Builder::new(std::io::BufWriter::new(file));
         for s in samples {
             for m in &s.members {
@@ -186,7 +205,10 @@ fn write_shard(dest: &Path, samples: &[Sample]) -> anyhow::Result<()> {
                     .with_context(|| format!("writing {}", m.name))?;
             }
         }
-        b.into_inner()?.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        b.into_inner()?
+            .into_inner()
+            .map_err(|e| e.into_error())?
+            .sync_all()?;
     }
     std::fs::rename(&tmp, dest).with_context(|| format!("writing {}", dest.display()))
 }
@@ -201,7 +223,10 @@ pub fn caption_shards(run: &CaptionRun, paths: &[PathBuf], out: &Path) -> anyhow
     };
     let mut names = HashMap::new();
     for p in paths {
-        let n = p.file_name().context("a shard path without a file name")?.to_owned();
+        let n = p
+            .file_name()
+            .context("a shard path without a file name")?
+            .to_owned();
         if let Some(prev) = names.insert(n.clone(), p) {
             anyhow::bail!(
                 "{} and {} have the same name: caption them into different --out directories",
@@ -215,7 +240,9 @@ pub fn caption_shards(run: &CaptionRun, paths: &[PathBuf], out: &Path) -> anyhow
         .iter()
         .filter(|p| !(run.resume && out.join(p.file_name().unwrap_or_default()).is_file()))
         .map(|p| {
-            capivara::webdataset::read_groups(p, |_| capivara::webdataset::Want::Skip).0.len()
+            capivara::webdataset::read_groups(p, |_| capivara::webdataset::Want::Skip)
+                .0
+                .len()
         })
         .sum();
     let bar = crate::run::progress_bar(total, run.progress, "caption");
@@ -240,7 +267,11 @@ pub fn caption_shards(run: &CaptionRun, paths: &[PathBuf], out: &Path) -> anyhow
                 sum.shards_unreadable += 1;
                 continue;
             }
-            eprintln!("{}: damaged ({e}): keeping its {} complete samples", path.display(), samples.len());
+            eprintln!(
+                "{}: damaged ({e}): keeping its {} complete samples",
+                path.display(),
+                samples.len()
+            );
             sum.skipped.truncated_shards += 1;
         }
         sum.samples += samples.len();
@@ -248,7 +279,10 @@ pub fn caption_shards(run: &CaptionRun, paths: &[PathBuf], out: &Path) -> anyhow
         // Images to caption: (sample index, pixels).
         let mut todo: Vec<(usize, Vec<f32>)> = Vec::new();
         let mut en: Vec<Vec<String>> = vec![Vec::new(); samples.len()];
-        let flush = |todo: &mut Vec<(usize, Vec<f32>)>, en: &mut Vec<Vec<String>>, sum: &mut Summary| -> anyhow::Result<()> {
+        let flush = |todo: &mut Vec<(usize, Vec<f32>)>,
+                     en: &mut Vec<Vec<String>>,
+                     sum: &mut Summary|
+         -> anyhow::Result<()> {
             if todo.is_empty() {
                 return Ok(());
             }
@@ -334,7 +368,12 @@ pub fn caption_shards(run: &CaptionRun, paths: &[PathBuf], out: &Path) -> anyhow
                     add.push(json_member(&s.key, PT_MEMBER, &gen_pt, like.as_ref())?);
                 }
                 if !own_pt.is_empty() {
-                    add.push(json_member(&s.key, SOURCE_PT_MEMBER, &own_pt, like.as_ref())?);
+                    add.push(json_member(
+                        &s.key,
+                        SOURCE_PT_MEMBER,
+                        &own_pt,
+                        like.as_ref(),
+                    )?);
                 }
             }
             // Members this run writes replace same-named ones of an earlier run.

@@ -223,7 +223,11 @@ impl SpmEncoder {
             None => text.to_string(),
         };
         let mut out = if self.proto.remove_extra_whitespaces {
-            mapped.split(' ').filter(|w| !w.is_empty()).collect::<Vec<_>>().join(" ")
+            mapped
+                .split(' ')
+                .filter(|w| !w.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ")
         } else {
             mapped
         };
