@@ -72,7 +72,10 @@ def build(d: Path) -> None:
         for f in ["source.spm", "target.spm", "tokenizer_config.json"]:
             shutil.copy(FIX / "marian" / f, marian)
         (marian / "generation_config.json").write_text(
-            json.dumps({"bad_words_ids": [[pad]], "forced_eos_token_id": 0, "num_beams": 1})
+            json.dumps({
+                "bad_words_ids": [[pad]], "forced_eos_token_id": 0, "num_beams": 1, "eos_token_id": 0,
+                "pad_token_id": pad, "decoder_start_token_id": pad,
+            })
         )
 
 

@@ -9,11 +9,13 @@
 //! configs leave out. Here the image keys/values are computed once per image.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Activation, Conv2dConfig, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Activation, Conv2dConfig, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
 use super::generate::Decoder;
-use super::layers::{attend, causal_mask, last_position, split_heads, KvCache};
+use super::layers::{
+    attend, causal_mask, last_position, linear, linear_from, split_heads, KvCache, Linear,
+};
 
 /// `config.json` of a BLIP captioning model (transformers' defaults for
 /// what it leaves out).
@@ -91,6 +93,15 @@ impl Default for VisionConfig {
     }
 }
 
+/// `act(x W^T + b)`, the GELU fused into the product when it is exact GELU.
+fn gelu_linear(l: &Linear, x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+    if act == Activation::Gelu {
+        l.forward_gelu(x)
+    } else {
+        x.apply(l)?.apply(&act)
+    }
+}
+
 struct VisionLayer {
     ln1: LayerNorm,
     qkv: Linear,
@@ -107,11 +118,11 @@ impl VisionLayer {
         let h = c.hidden_size;
         Ok(Self {
             ln1: candle_nn::layer_norm(h, c.layer_norm_eps, vb.pp("layer_norm1"))?,
-            qkv: candle_nn::linear(h, 3 * h, vb.pp("self_attn.qkv"))?,
-            proj: candle_nn::linear(h, h, vb.pp("self_attn.projection"))?,
+            qkv: linear(h, 3 * h, vb.pp("self_attn.qkv"))?,
+            proj: linear(h, h, vb.pp("self_attn.projection"))?,
             ln2: candle_nn::layer_norm(h, c.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(h, c.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(c.intermediate_size, h, vb.pp("mlp.fc2"))?,
+            fc1: linear(h, c.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: linear(c.intermediate_size, h, vb.pp("mlp.fc2"))?,
             heads: c.num_attention_heads,
             act: c.hidden_act,
         })
@@ -133,12 +144,7 @@ impl VisionLayer {
         );
         let a = attend(&q, &k, &v, None, 1.0 / (d as f64).sqrt())?.apply(&self.proj)?;
         let x = (x + a)?;
-        let m = self
-            .ln2
-            .forward(&x)?
-            .apply(&self.fc1)?
-            .apply(&self.act)?
-            .apply(&self.fc2)?;
+        let m = gelu_linear(&self.fc1, &self.ln2.forward(&x)?, self.act)?.apply(&self.fc2)?;
         x + m
     }
 }
@@ -207,10 +213,10 @@ impl AttnBlock {
     fn new(c: &TextConfig, kv_in: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         let h = c.hidden_size;
         Ok(Self {
-            q: candle_nn::linear(h, h, vb.pp("self.query"))?,
-            k: candle_nn::linear(kv_in, h, vb.pp("self.key"))?,
-            v: candle_nn::linear(kv_in, h, vb.pp("self.value"))?,
-            out: candle_nn::linear(h, h, vb.pp("output.dense"))?,
+            q: linear(h, h, vb.pp("self.query"))?,
+            k: linear(kv_in, h, vb.pp("self.key"))?,
+            v: linear(kv_in, h, vb.pp("self.value"))?,
+            out: linear(h, h, vb.pp("output.dense"))?,
             ln: candle_nn::layer_norm(h, c.layer_norm_eps, vb.pp("output.LayerNorm"))?,
         })
     }
@@ -248,8 +254,8 @@ impl BlipText {
                 Ok(TextLayer {
                     self_attn: AttnBlock::new(c, h, l.pp("attention"))?,
                     cross: AttnBlock::new(c, c.encoder_hidden_size, l.pp("crossattention"))?,
-                    inter: candle_nn::linear(h, c.intermediate_size, l.pp("intermediate.dense"))?,
-                    out: candle_nn::linear(c.intermediate_size, h, l.pp("output.dense"))?,
+                    inter: linear(h, c.intermediate_size, l.pp("intermediate.dense"))?,
+                    out: linear(c.intermediate_size, h, l.pp("output.dense"))?,
                     ln: candle_nn::layer_norm(h, c.layer_norm_eps, l.pp("output.LayerNorm"))?,
                 })
             })
@@ -275,9 +281,9 @@ impl BlipText {
             ln: candle_nn::layer_norm(h, c.layer_norm_eps, b.pp("embeddings.LayerNorm"))?,
             words,
             layers,
-            transform: candle_nn::linear(h, h, p.pp("transform.dense"))?,
+            transform: linear(h, h, p.pp("transform.dense"))?,
             transform_ln: candle_nn::layer_norm(h, c.layer_norm_eps, p.pp("transform.LayerNorm"))?,
-            decoder: Linear::new(w, Some(bias)),
+            decoder: linear_from(w, Some(bias))?,
             heads: c.num_attention_heads,
             act: c.hidden_act,
         })
@@ -344,7 +350,7 @@ impl Decoder for BlipDecoder<'_> {
             let (ck, cv) = &self.cross[i];
             let h = attend(&q, ck, cv, None, scale)?.apply(&c.out)?;
             x = c.ln.forward(&(h + &x)?)?;
-            let f = x.apply(&l.inter)?.apply(&m.act)?.apply(&l.out)?;
+            let f = gelu_linear(&l.inter, &x, m.act)?.apply(&l.out)?;
             x = l.ln.forward(&(f + &x)?)?;
         }
         self.past += t;

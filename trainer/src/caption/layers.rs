@@ -23,6 +23,26 @@ pub fn var_builder(
     })
 }
 
+/// capivara's linear: on a CPU with the project's f32 kernels (AVX2/AVX-512)
+/// its weight is packed once for them (a GELU fused into the product where
+/// asked), else candle's matmul.
+pub use capivara::model::layers::Linear;
+
+/// A linear `in_dim -> out_dim` with bias under `vb`, packed for the CPU
+/// kernels when they apply (a no-op on CUDA or for other dtypes).
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    let mut l = Linear::load(vb, in_dim, out_dim, true)?;
+    l.pack_for_cpu()?;
+    Ok(l)
+}
+
+/// A linear from its tensors, packed like [`linear`].
+pub fn linear_from(weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Linear> {
+    let mut l = Linear::new(weight, bias);
+    l.pack_for_cpu()?;
+    Ok(l)
+}
+
 /// `(n, t, heads * d)` -> `(n, heads, t, d)`, contiguous.
 pub fn split_heads(x: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let (n, t, hd) = x.dims3()?;

@@ -8,11 +8,13 @@
 //! its caches cannot be reordered for beam search.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Activation, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Activation, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
 use super::generate::Decoder;
-use super::layers::{attend, causal_mask, last_position, split_heads, KvCache};
+use super::layers::{
+    attend, causal_mask, last_position, linear, linear_from, split_heads, KvCache, Linear,
+};
 
 /// `config.json` (`MarianConfig`), transformers' defaults for what it leaves out.
 #[derive(Debug, Clone, Deserialize)]
@@ -101,10 +103,10 @@ struct Attn {
 impl Attn {
     fn new(d: usize, heads: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Self {
-            q: candle_nn::linear(d, d, vb.pp("q_proj"))?,
-            k: candle_nn::linear(d, d, vb.pp("k_proj"))?,
-            v: candle_nn::linear(d, d, vb.pp("v_proj"))?,
-            out: candle_nn::linear(d, d, vb.pp("out_proj"))?,
+            q: linear(d, d, vb.pp("q_proj"))?,
+            k: linear(d, d, vb.pp("k_proj"))?,
+            v: linear(d, d, vb.pp("v_proj"))?,
+            out: linear(d, d, vb.pp("out_proj"))?,
             heads,
         })
     }
@@ -181,8 +183,8 @@ impl Marian {
                 Ok(EncLayer {
                     attn: Attn::new(d, c.encoder_attention_heads, l.pp("self_attn"))?,
                     attn_ln: ln(l.pp("self_attn_layer_norm"))?,
-                    fc1: candle_nn::linear(d, c.encoder_ffn_dim, l.pp("fc1"))?,
-                    fc2: candle_nn::linear(c.encoder_ffn_dim, d, l.pp("fc2"))?,
+                    fc1: linear(d, c.encoder_ffn_dim, l.pp("fc1"))?,
+                    fc2: linear(c.encoder_ffn_dim, d, l.pp("fc2"))?,
                     ln: ln(l.pp("final_layer_norm"))?,
                 })
             })
@@ -195,8 +197,8 @@ impl Marian {
                     attn_ln: ln(l.pp("self_attn_layer_norm"))?,
                     cross: Attn::new(d, c.decoder_attention_heads, l.pp("encoder_attn"))?,
                     cross_ln: ln(l.pp("encoder_attn_layer_norm"))?,
-                    fc1: candle_nn::linear(d, c.decoder_ffn_dim, l.pp("fc1"))?,
-                    fc2: candle_nn::linear(c.decoder_ffn_dim, d, l.pp("fc2"))?,
+                    fc1: linear(d, c.decoder_ffn_dim, l.pp("fc1"))?,
+                    fc2: linear(c.decoder_ffn_dim, d, l.pp("fc2"))?,
                     ln: ln(l.pp("final_layer_norm"))?,
                 })
             })
@@ -223,7 +225,7 @@ impl Marian {
             dec_embed,
             enc,
             dec,
-            lm_head: Linear::new(head, None),
+            lm_head: linear_from(head, None)?,
             final_bias,
             embed_scale,
             act,
