@@ -304,6 +304,110 @@ fn cached_model(
     Some((snap.clone(), snap.join(CONFIG_FILE), snap.join(w)))
 }
 
+/// A model given as a local directory or a hub repo id, whose files are
+/// fetched by name on demand (a repo id through the hub cache: a cached file
+/// makes no request; another is downloaded, resumed and verified as
+/// [`resolve`] does): what models other than CLIP (the trainer's captioner
+/// and translator) load from.
+pub struct ModelSource {
+    model: String,
+    home: SourceHome,
+}
+
+enum SourceHome {
+    Dir(PathBuf),
+    Hub {
+        hub: Box<Hub>,
+        listing: std::sync::Mutex<Option<Listing>>,
+    },
+}
+
+impl ModelSource {
+    /// `model` as given.
+    pub fn name(&self) -> &str {
+        &self.model
+    }
+
+    fn fetch(&self, file: &str) -> std::result::Result<PathBuf, String> {
+        match &self.home {
+            SourceHome::Dir(d) => {
+                let p = d.join(file);
+                if p.is_file() {
+                    Ok(p)
+                } else {
+                    Err(format!("no {file} in {}", d.display()))
+                }
+            }
+            SourceHome::Hub { hub, listing } => {
+                if let Some(p) = hub.config.cached_file(&self.model, file) {
+                    return Ok(p);
+                }
+                let mut l = listing.lock().unwrap_or_else(|e| e.into_inner());
+                if l.is_none() {
+                    *l = Some(hub.listing(&self.model).map_err(|e| e.to_string())?);
+                }
+                let l = l.as_ref().expect("listed");
+                let f = l
+                    .file(file)
+                    .cloned()
+                    .ok_or_else(|| format!("the repo has no {file} (its files: {})", l.names()))?;
+                hub.download(l, &f, &mut |_| {}).map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// The local path of the model's file `file`.
+    pub fn get(&self, file: &str) -> Result<PathBuf> {
+        self.fetch(file).map_err(|message| Error::Resolve {
+            model: self.model.clone(),
+            message,
+        })
+    }
+
+    /// The first of `files` the model has.
+    pub fn first_of(&self, files: &[&str]) -> Result<PathBuf> {
+        let mut tried = Vec::new();
+        for f in files {
+            match self.fetch(f) {
+                Ok(p) => return Ok(p),
+                Err(e) => tried.push(e),
+            }
+        }
+        Err(Error::Resolve {
+            model: self.model.clone(),
+            message: format!("none of {}: {}", files.join(", "), tried.join("; ")),
+        })
+    }
+}
+
+/// Opens `model` (a local directory, or a hub repo id) without reading
+/// anything yet.
+pub fn open(model: &str) -> Result<ModelSource> {
+    let local = Path::new(model);
+    let home = if local.is_dir() {
+        SourceHome::Dir(local.to_path_buf())
+    } else if local.exists()
+        || model.starts_with('.')
+        || model.starts_with('/')
+        || model.starts_with('~')
+        || model.matches('/').count() != 1
+    {
+        return Err(Error::Resolve {
+            model: model.to_string(),
+            message: "no such directory (a hub repo id looks like `org/name`)".into(),
+        });
+    } else {
+        SourceHome::Hub {
+            hub: Box::new(Hub::from_env()),
+            listing: std::sync::Mutex::new(None),
+        }
+    };
+    Ok(ModelSource {
+        model: model.to_string(),
+        home,
+    })
+}
+
 /// Resolves `model` (a local directory, or a hub repo id) to its files and
 /// parses its configs.
 pub fn resolve(model: &str) -> Result<ResolvedModel> {

@@ -40,18 +40,81 @@ pub fn resize_crop_rgb(img: &Decoded, size: usize) -> Vec<u8> {
     let (x0, y0) = (crop_offset(rw, size), crop_offset(rh, size));
     let c = img.channels;
     let resized = if img.nearest {
-        resize_nearest(img, rw, rh, x0, y0, size)
+        resize_nearest(img, rw, rh, x0, y0, (size, size))
     } else if c == 2 || c == 4 {
         let mut pre = img.data.clone();
         premultiply(&mut pre, c);
-        let mut out = resize_bicubic(&pre, img.width, img.height, c, rw, rh, x0, y0, size);
+        let mut out = resize_bicubic(&pre, img.width, img.height, c, rw, rh, x0, y0, (size, size));
         unpremultiply(&mut out, c);
         out
     } else {
-        resize_bicubic(&img.data, img.width, img.height, c, rw, rh, x0, y0, size)
+        resize_bicubic(
+            &img.data,
+            img.width,
+            img.height,
+            c,
+            rw,
+            rh,
+            x0,
+            y0,
+            (size, size),
+        )
     };
-    // convert('RGB'): L -> (l, l, l); LA -> (l, l, l); RGBA -> RGB.
-    let mut rgb = Vec::with_capacity(size * size * 3);
+    to_rgb(&resized, c)
+}
+
+/// transformers' `convert_to_rgb`: an image with alpha is composited over
+/// white (PIL's `alpha_composite` onto an opaque white background, in its
+/// fixed point), one without is converted as PIL does.
+pub fn composite_on_white(img: &Decoded) -> Vec<u8> {
+    const PRECISION_BITS: u32 = 7;
+    let c = img.channels;
+    if c != 2 && c != 4 {
+        return img.to_rgb();
+    }
+    let mut out = Vec::with_capacity(img.width * img.height * 3);
+    for px in img.data.chunks_exact(c) {
+        let a = u32::from(px[c - 1]);
+        let rgb = if c == 2 {
+            [px[0]; 3]
+        } else {
+            [px[0], px[1], px[2]]
+        };
+        // AlphaComposite with dst = (255, 255, 255, 255).
+        let blend = 255 * (255 - a);
+        let outa255 = a * 255 + blend;
+        let coef1 = a * 255 * 255 * (1 << PRECISION_BITS) / outa255;
+        let coef2 = 255 * (1 << PRECISION_BITS) - coef1;
+        for v in rgb {
+            let t = u32::from(v) * coef1 + 255 * coef2 + (0x80 << PRECISION_BITS);
+            out.push(((((t >> 8) + t) >> 8) >> PRECISION_BITS) as u8);
+        }
+    }
+    out
+}
+
+/// Hugging Face image processors' order (BLIP's, for one): `convert_to_rgb`
+/// first ([`composite_on_white`]; palettes expanded), then `resize((width,
+/// height), BICUBIC)` of the whole image, aspect not kept, no crop. Returns
+/// `height x width x 3` bytes.
+pub fn resize_rgb(img: &Decoded, width: usize, height: usize) -> Vec<u8> {
+    let rgb = composite_on_white(img);
+    resize_bicubic(
+        &rgb,
+        img.width,
+        img.height,
+        3,
+        width,
+        height,
+        0,
+        0,
+        (width, height),
+    )
+}
+
+/// convert('RGB'): L -> (l, l, l); LA -> (l, l, l); RGBA -> RGB.
+fn to_rgb(resized: &[u8], c: usize) -> Vec<u8> {
+    let mut rgb = Vec::with_capacity(resized.len() / c * 3);
     for px in resized.chunks_exact(c) {
         match c {
             1 | 2 => rgb.extend_from_slice(&[px[0], px[0], px[0]]),
@@ -232,7 +295,7 @@ fn window(src: &[u8], w: usize, c: usize, rows: (usize, usize), cols: (usize, us
 }
 
 /// PIL's two-pass bicubic resize to `rw x rh`, evaluated only on the crop
-/// window `[x0, x0+size) x [y0, y0+size)`. An axis whose size does not change
+/// window `[x0, x0+cw) x [y0, y0+ch)` (`crop` is `(cw, ch)`). An axis whose size does not change
 /// is not resampled. With both axes resampled, Pillow (13) runs the vertical
 /// pass first when `in_h - out_h > 0` and `in_h - out_h > 2 * (in_w - out_w)`,
 /// and the horizontal pass first otherwise; the 8-bit rounding between the
@@ -247,9 +310,10 @@ fn resize_bicubic(
     rh: usize,
     x0: usize,
     y0: usize,
-    size: usize,
+    crop: (usize, usize),
 ) -> Vec<u8> {
-    let identity = |first: usize| -> Vec<(usize, Vec<i32>)> {
+    let (cw, ch) = crop;
+    let identity = |first: usize, size: usize| -> Vec<(usize, Vec<i32>)> {
         (first..first + size)
             .map(|i| (i, vec![1 << PRECISION_BITS]))
             .collect()
@@ -257,14 +321,14 @@ fn resize_bicubic(
     let need_h = rw != w;
     let need_v = rh != h;
     let hcoef = if need_h {
-        coefficients(w, rw, x0, size)
+        coefficients(w, rw, x0, cw)
     } else {
-        identity(x0)
+        identity(x0, cw)
     };
     let vcoef = if need_v {
-        coefficients(h, rh, y0, size)
+        coefficients(h, rh, y0, ch)
     } else {
-        identity(y0)
+        identity(y0, ch)
     };
     let (rows, cols) = (span(&vcoef), span(&hcoef));
     let dy = h as i64 - rh as i64;
@@ -289,7 +353,7 @@ fn resize_bicubic(
             offset: rows.0,
         }
         .vertical(width);
-        h_pass(&tmp, size, cols.0)
+        h_pass(&tmp, ch, cols.0)
     } else {
         let tmp = h_pass(&src, rows.1 - rows.0, cols.0);
         Pass {
@@ -298,7 +362,7 @@ fn resize_bicubic(
             coef: &vcoef,
             offset: rows.0,
         }
-        .vertical(size)
+        .vertical(cw)
     }
 }
 
@@ -310,10 +374,10 @@ fn resize_nearest(
     rh: usize,
     x0: usize,
     y0: usize,
-    size: usize,
+    crop: (usize, usize),
 ) -> Vec<u8> {
     let c = img.channels;
-    let index = |in_size: usize, out_size: usize, first: usize| -> Vec<usize> {
+    let index = |in_size: usize, out_size: usize, first: usize, size: usize| -> Vec<usize> {
         let step = in_size as f64 / out_size as f64;
         let mut pos = step * 0.5;
         let mut v = Vec::with_capacity(size);
@@ -325,9 +389,9 @@ fn resize_nearest(
         }
         v
     };
-    let xs = index(img.width, rw, x0);
-    let ys = index(img.height, rh, y0);
-    let mut out = Vec::with_capacity(size * size * c);
+    let xs = index(img.width, rw, x0, crop.0);
+    let ys = index(img.height, rh, y0, crop.1);
+    let mut out = Vec::with_capacity(crop.0 * crop.1 * c);
     for &y in &ys {
         let line = &img.data[y * img.width * c..(y + 1) * img.width * c];
         for &x in &xs {
@@ -363,7 +427,7 @@ mod tests {
             }
         }
         let src: Vec<u8> = (0..=255u8).cycle().take(20 * 20).collect();
-        let out = resize_bicubic(&src, 20, 20, 1, 20, 20, 0, 0, 20);
+        let out = resize_bicubic(&src, 20, 20, 1, 20, 20, 0, 0, (20, 20));
         assert_eq!(out, src);
     }
 
@@ -376,5 +440,23 @@ mod tests {
         assert_eq!(&px[8..], &[100, 50, 25, 128]);
         unpremultiply(&mut px, 4);
         assert_eq!(&px[8..], &[199, 99, 49, 128]);
+    }
+
+    #[test]
+    fn hf_convert_to_rgb_composites_over_white() {
+        let img = Decoded {
+            width: 3,
+            height: 1,
+            channels: 4,
+            data: vec![10, 20, 30, 255, 10, 20, 30, 0, 0, 0, 0, 128],
+            nearest: false,
+        };
+        // Opaque: unchanged; transparent: white; half: half-way to white.
+        assert_eq!(
+            composite_on_white(&img),
+            [10, 20, 30, 255, 255, 255, 127, 127, 127]
+        );
+        let out = resize_rgb(&img, 6, 2);
+        assert_eq!(out.len(), 6 * 2 * 3);
     }
 }

@@ -1,6 +1,7 @@
 //! Training data: webdataset tar shards as CAPIVARA and img2dataset write them
 //! (`KEY.jpg|jpeg|png|webp` + `KEY.json` with `captions-pt` and optionally
-//! `generated-captions-pt`), brace ranges of shard names, and a TSV of
+//! `generated-captions-pt`; `caption` adds them as members of their own,
+//! `KEY.captions-pt.json` and `KEY.generated-captions-pt.json`), brace ranges of shard names, and a TSV of
 //! `image_path<TAB>caption`. A bad sample is counted and skipped, never fatal.
 
 use std::collections::BTreeMap;
@@ -108,6 +109,13 @@ pub fn expand_braces(pattern: &str) -> Result<Vec<String>, String> {
 
 use capivara::webdataset::{self, Want, IMAGE_EXTS};
 
+/// The member `caption --source-captions` writes: a sample's own captions
+/// translated (a JSON list), read as more `captions-pt`.
+pub const CAPTIONS_MEMBER: &str = "captions-pt.json";
+/// The member `caption` writes: synthetic captions translated (a JSON list),
+/// read as more `generated-captions-pt`.
+pub const GENERATED_MEMBER: &str = "generated-captions-pt.json";
+
 fn captions(value: &serde_json::Value, field: &str) -> Vec<String> {
     match value.get(field) {
         Some(serde_json::Value::Array(a)) => a
@@ -136,7 +144,11 @@ pub fn read_shard_captions(path: &Path) -> (Vec<Sample>, Skipped) {
 fn read_shard_impl(path: &Path, with_images: bool) -> (Vec<Sample>, Skipped) {
     let mut skipped = Skipped::default();
     let (groups, err) = webdataset::read_groups(path, |ext| {
-        if ext == "json" || (with_images && IMAGE_EXTS.contains(&ext)) {
+        if ext == "json"
+            || ext == CAPTIONS_MEMBER
+            || ext == GENERATED_MEMBER
+            || (with_images && IMAGE_EXTS.contains(&ext))
+        {
             Want::Read
         } else if IMAGE_EXTS.contains(&ext) {
             Want::Presence
@@ -161,13 +173,31 @@ fn read_shard_impl(path: &Path, with_images: bool) -> (Vec<Sample>, Skipped) {
             .parts
             .get("json")
             .and_then(|j| serde_json::from_slice(j).ok());
-        let (caps, generated) = match &meta {
+        let (mut caps, mut generated) = match &meta {
             Some(m) => (
                 captions(m, "captions-pt"),
                 captions(m, "generated-captions-pt"),
             ),
             None => (vec![], vec![]),
         };
+        // `caption`'s members: JSON lists beside the sample's own JSON.
+        for (ext, into) in [
+            (CAPTIONS_MEMBER, &mut caps),
+            (GENERATED_MEMBER, &mut generated),
+        ] {
+            if let Some(v) = g
+                .parts
+                .get(ext)
+                .and_then(|j| serde_json::from_slice::<serde_json::Value>(j).ok())
+            {
+                let wrapped = serde_json::json!({ "c": v });
+                for c in captions(&wrapped, "c") {
+                    if !into.contains(&c) {
+                        into.push(c);
+                    }
+                }
+            }
+        }
         if caps.is_empty() && generated.is_empty() {
             skipped.no_caption += 1;
             continue;

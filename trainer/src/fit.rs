@@ -83,6 +83,12 @@ pub struct FitSummary {
     pub steps: usize,
     pub resumed_from: Option<usize>,
     pub samples: usize,
+    /// Original captions of the training samples (`captions-pt`).
+    pub captions: usize,
+    /// Synthetic captions of the training samples (`generated-captions-pt`).
+    pub generated_captions: usize,
+    /// Synthetic captions the draws choose among (`--generated-captions`).
+    pub generated_captions_used: usize,
     pub first_loss: Option<f32>,
     pub final_loss: Option<f32>,
     pub val_before: Option<RetrievalReport>,
@@ -318,6 +324,16 @@ pub fn fit(
         steps,
         resumed_from: latest.as_ref().map(|_| start),
         samples: set.len(),
+        captions: set.items.iter().map(|i| i.captions.len()).sum(),
+        generated_captions: set.items.iter().map(|i| i.generated.len()).sum(),
+        generated_captions_used: set
+            .items
+            .iter()
+            .map(|i| {
+                cfg.generated_captions
+                    .map_or(i.generated.len(), |k| k.min(i.generated.len()))
+            })
+            .sum(),
         first_loss,
         final_loss: last_loss,
         val_before,

@@ -16,7 +16,9 @@
 //! - [`prune`]: vocabulary pruning to the tokens a corpus uses;
 //! - [`student`]: the smaller text tower `distill` trains, and its start from
 //!   the teacher;
-//! - [`distill`]: a smaller text tower distilled from the teacher (DC-CLIP).
+//! - [`distill`]: a smaller text tower distilled from the teacher (DC-CLIP);
+//! - [`caption`]: synthetic captions (BLIP) and their translation (Marian)
+//!   written into new shards.
 //!
 //! Imports between the modules (`a -> b`: `a` uses `b`) run one way, no loop
 //! (unit tests aside: `data`'s write their shards with `synth`):
@@ -28,9 +30,11 @@
 //! eval    -> run, dataset, features, data
 //! merge -> run     prune -> run     run -> model     loss -> model
 //! dataset -> features, data         features -> data
+//! caption -> run, data
 //! model, optim, data, synth: none
 //! ```
 
+pub mod caption;
 pub mod data;
 pub mod dataset;
 pub mod distill;

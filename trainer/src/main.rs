@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use capivara_trainer::{data, dataset, eval, features, fit, merge, model, optim, run, synth};
+use capivara_trainer::{
+    caption, data, dataset, eval, features, fit, merge, model, optim, run, synth,
+};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
@@ -114,6 +116,11 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         batch_size: usize,
     },
+    /// Caption every image of webdataset shards with an image captioner (BLIP)
+    /// and translate the captions (Marian, OPUS-MT): new shards with every
+    /// original member plus `KEY.generated-captions-en.json` and
+    /// `KEY.generated-captions-pt.json`, which `fit --generated-captions` uses.
+    Caption(Box<CaptionArgs>),
     /// Write a synthetic captioned dataset of coloured shapes (webdataset
     /// shards, and optionally a zero-shot folder) to try the trainer.
     Synth {
@@ -136,6 +143,160 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         per_class: usize,
     },
+}
+
+#[derive(Args)]
+struct CaptionArgs {
+    /// Shards, with brace ranges: 'data/{00000..00099}.tar' (repeatable).
+    #[arg(long, required = true)]
+    shards: Vec<String>,
+    /// Output directory: one shard per input shard, same file name.
+    #[arg(long)]
+    out: PathBuf,
+    /// The captioner: a BLIP model directory or hub id.
+    #[arg(long, default_value = caption::DEFAULT_CAPTIONER)]
+    captioner: String,
+    /// The translator: a Marian (OPUS-MT) model directory or hub id.
+    #[arg(long, default_value = caption::DEFAULT_TRANSLATOR)]
+    translator: String,
+    /// English captions only: no translator is loaded.
+    #[arg(long)]
+    no_translate: bool,
+    /// The translator's target-language token (`por`, `>>por<<`): `auto` takes
+    /// `>>por<<` when the model has language tokens, `none` never adds one.
+    #[arg(long, default_value = "auto")]
+    target_lang: String,
+    /// Distinct captions per image (after normalisation): the first from beam
+    /// search, the others sampled (nucleus).
+    #[arg(long, default_value_t = 1)]
+    per_image: usize,
+    /// Beams of the first caption (1: greedy).
+    #[arg(long, default_value_t = 3)]
+    num_beams: usize,
+    /// Sample every caption, the first too.
+    #[arg(long)]
+    sample_all: bool,
+    /// Nucleus sampling: the smallest set of tokens with this much probability.
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f32,
+    /// Sampling among the k likeliest tokens only (0: all).
+    #[arg(long, default_value_t = 50)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Seed of the sampling (per image and draw: independent of batching).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 30)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 5)]
+    min_new_tokens: usize,
+    /// Text every caption starts with (e.g. "a picture of").
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Draws per image at most, to reach --per-image distinct captions
+    /// (default: 3 x --per-image).
+    #[arg(long)]
+    max_draws: Option<usize>,
+    /// Also translate each sample's own English captions into
+    /// `KEY.captions-pt.json`: a member extension (`txt`) or a field of
+    /// `KEY.json` (`captions-en`).
+    #[arg(long)]
+    source_captions: Option<String>,
+    /// Beams of the translation (default: the translator's generation config, else 1).
+    #[arg(long)]
+    translate_beams: Option<usize>,
+    #[arg(long, default_value_t = 128)]
+    translate_max_new_tokens: usize,
+    /// Sentences per translation batch.
+    #[arg(long, default_value_t = 32)]
+    translate_batch_size: usize,
+    /// Images per captioning batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "CAPIVARA_DEVICE", default_value = "cpu")]
+    device: String,
+    /// f32, or bf16/f16 on CUDA.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Skip shards already in --out (each is written whole or not at all).
+    #[arg(long)]
+    resume: bool,
+    #[arg(long)]
+    no_progress: bool,
+}
+
+fn run_caption(a: CaptionArgs) -> anyhow::Result<serde_json::Value> {
+    anyhow::ensure!(a.per_image >= 1, "--per-image must be at least 1");
+    anyhow::ensure!(a.num_beams >= 1, "--num-beams must be at least 1");
+    anyhow::ensure!(a.top_p > 0.0 && a.top_p <= 1.0, "--top-p must be in (0, 1]");
+    anyhow::ensure!(a.temperature > 0.0, "--temperature must be positive");
+    anyhow::ensure!(
+        a.min_new_tokens <= a.max_new_tokens,
+        "--min-new-tokens must not exceed --max-new-tokens"
+    );
+    let paths = dataset::expand_all(&a.shards)?;
+    anyhow::ensure!(!paths.is_empty(), "no --shards");
+    let device = capivara::parse_device(&a.device)?;
+    let dtype = capivara::parse_dtype(&a.dtype)?;
+    let captioner = caption::Captioner::load(&a.captioner, &device, dtype)?;
+    let translator = if a.no_translate {
+        None
+    } else {
+        Some(caption::Translator::load(
+            &a.translator,
+            &a.target_lang,
+            &device,
+            dtype,
+        )?)
+    };
+    let translate = match &translator {
+        Some(t) => t.gen_config(
+            a.translate_beams
+                .or(t.generation.num_beams)
+                .unwrap_or(1)
+                .max(1),
+            a.translate_max_new_tokens,
+        ),
+        None => caption::generate::GenConfig {
+            max_new_tokens: 0,
+            min_new_tokens: 0,
+            num_beams: 1,
+            length_penalty: 1.0,
+            eos: 0,
+            pad: 0,
+            banned: vec![],
+            forced_eos: None,
+        },
+    };
+    let run = caption::shards::CaptionRun {
+        captioner: &captioner,
+        translator: translator.as_ref(),
+        options: caption::CaptionOptions {
+            per_image: a.per_image,
+            num_beams: a.num_beams,
+            max_new_tokens: a.max_new_tokens,
+            min_new_tokens: a.min_new_tokens,
+            sampling: caption::generate::Sampling {
+                top_p: a.top_p,
+                top_k: a.top_k,
+                temperature: a.temperature,
+            },
+            sample_all: a.sample_all,
+            seed: a.seed,
+            prompt: a.prompt,
+            max_draws: a.max_draws.unwrap_or(3 * a.per_image).max(1),
+        },
+        batch_size: a.batch_size,
+        translate_batch: a.translate_batch_size,
+        translate,
+        source_field: a.source_captions,
+        resume: a.resume,
+        progress: !a.no_progress,
+    };
+    let summary = caption::shards::caption_shards(&run, &paths, &a.out)?;
+    Ok(serde_json::to_value(summary)?)
 }
 
 #[derive(Args)]
@@ -583,6 +744,7 @@ fn main() -> std::process::ExitCode {
         Command::Merge { model, lora, out } => run_merge(&model, &lora, &out),
         Command::PruneVocab { model, corpus, out } => run_prune(&model, &corpus, &out),
         Command::Distill(a) => run_distill(*a),
+        Command::Caption(a) => run_caption(*a),
         Command::Eval {
             model,
             teacher,
