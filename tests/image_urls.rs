@@ -16,19 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use common::server::*;
 use common::*;
-use serde_json::{json, Value};
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
-fn rows(v: &Value, key: &str) -> Vec<Vec<f32>> {
-    v[key].as_array().unwrap().iter().map(floats).collect()
-}
+use serde_json::json;
 
 /// Bytes the big routes send: more than the fetch limit below.
 const LIMIT: usize = 1 << 20;

@@ -9,18 +9,6 @@ use common::server::*;
 use common::*;
 use serde_json::{json, Value};
 
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
-fn rows(v: &Value, key: &str) -> Vec<Vec<f32>> {
-    v[key].as_array().unwrap().iter().map(floats).collect()
-}
-
 /// The OpenAI error shape, and its `code`.
 fn openai_error(r: &Resp) -> (String, String, Value) {
     let v = r.json();
@@ -378,19 +366,16 @@ fn a_query_model_must_share_the_index_models_images() {
     assert_eq!((r.status, r.error_code().as_str()), (400, "invalid_model"));
     drop(s);
     // Nor be the query model.
-    let rt = tokio::runtime::Runtime::new().unwrap();
     let data = dir.path().join("data2");
     let mut cfg =
         capivara::server::ServeConfig::new("unused", "127.0.0.1:0".parse().unwrap(), &data);
     cfg.models = models;
     cfg.query_model = Some("other".into());
-    let (server, loaded) = rt.block_on(capivara::server::start(cfg)).unwrap();
-    let err = rt.block_on(loaded).unwrap().unwrap_err().to_string();
+    let err = load_error(cfg);
     assert!(
         err.contains("--query-model other") && err.contains("image tower"),
         "{err}"
     );
-    rt.block_on(server.shutdown()).unwrap();
 }
 
 #[test]

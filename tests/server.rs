@@ -16,14 +16,6 @@ fn pipeline() -> Pipeline {
     Pipeline::load(tiny_dir().to_str().unwrap(), &Device::Cpu, DType::F32).unwrap()
 }
 
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
@@ -1236,20 +1228,17 @@ fn an_index_refuses_another_models_embeddings(store: Store) {
     // Another model on the same index: the start fails, saying why.
     let other = dir.path().join("other-model");
     other_tiny_model(&other);
-    let rt = tokio::runtime::Runtime::new().unwrap();
     let mut cfg = capivara::server::ServeConfig::new(
         other.to_str().unwrap(),
         "127.0.0.1:0".parse().unwrap(),
         &place.data_dir,
     );
     place.apply(&mut cfg);
-    let (server, loaded) = rt.block_on(capivara::server::start(cfg)).unwrap();
-    let err = rt.block_on(loaded).unwrap().unwrap_err().to_string();
+    let err = load_error(cfg);
     assert!(
         err.contains("must not be mixed") && err.contains("other-model"),
         "{err}"
     );
-    rt.block_on(server.shutdown()).unwrap();
     // The same for `capivara index`.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_capivara"))
         .arg("index")

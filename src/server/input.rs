@@ -191,14 +191,25 @@ fn is_url(value: &str) -> bool {
     lower.starts_with("http://") || lower.starts_with("https://")
 }
 
+/// An image field's bytes, untimed: base64 (or a `data:` URL), or an
+/// `http(s)://` URL fetched within the policy.
+async fn bytes_of(state: &AppState, field: &str, value: &str) -> Result<Vec<u8>, ApiError> {
+    let v = value.trim();
+    if is_url(v) {
+        state.fetcher.fetch(field, v).await
+    } else {
+        decode_base64(field, v)
+    }
+}
+
 /// An image field's bytes: base64 (or a `data:` URL), or with
 /// `--allow-image-urls` an `http(s)://` URL, fetched within the policy
 /// (timed as `fetch`).
 pub async fn image_input(state: &AppState, field: &str, value: &str) -> Result<Vec<u8>, ApiError> {
     if is_url(value) {
-        timing::timed(Stage::Fetch, state.fetcher.fetch(field, value.trim())).await
+        timing::timed(Stage::Fetch, bytes_of(state, field, value)).await
     } else {
-        decode_base64(field, value.trim())
+        bytes_of(state, field, value).await
     }
 }
 
@@ -213,14 +224,7 @@ pub async fn image_inputs<S: AsRef<str>>(
     let any_url = values.iter().any(|v| is_url(v.as_ref()));
     let out = futures_util::future::try_join_all(values.iter().enumerate().map(|(i, v)| {
         let field = format!("{name}[{i}]");
-        async move {
-            let v = v.as_ref().trim();
-            if is_url(v) {
-                state.fetcher.fetch(&field, v).await
-            } else {
-                decode_base64(&field, v)
-            }
-        }
+        async move { bytes_of(state, &field, v.as_ref()).await }
     }))
     .await?;
     if any_url {

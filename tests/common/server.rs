@@ -593,3 +593,26 @@ pub fn b64(bytes: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
+
+/// A JSON array of numbers as f32.
+pub fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// `v[key]`: an array of number arrays, as rows of f32.
+pub fn rows(v: &Value, key: &str) -> Vec<Vec<f32>> {
+    v[key].as_array().unwrap().iter().map(floats).collect()
+}
+
+/// Starts a server on `cfg` whose loading must fail; the error, as text.
+pub fn load_error(cfg: ServeConfig) -> String {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (server, loaded) = rt.block_on(capivara::server::start(cfg)).unwrap();
+    let err = rt.block_on(loaded).unwrap().unwrap_err().to_string();
+    rt.block_on(server.shutdown()).unwrap();
+    err
+}
