@@ -304,6 +304,16 @@ fn cached_model(
     Some((snap.clone(), snap.join(CONFIG_FILE), snap.join(w)))
 }
 
+/// Whether `model`, not an existing directory, is meant as a path rather
+/// than a hub repo id (`org/name`).
+fn looks_local(model: &str) -> bool {
+    Path::new(model).exists()
+        || model.starts_with('.')
+        || model.starts_with('/')
+        || model.starts_with('~')
+        || model.matches('/').count() != 1
+}
+
 /// A model given as a local directory or a hub repo id, whose files are
 /// fetched by name on demand (a repo id through the hub cache: a cached file
 /// makes no request; another is downloaded, resumed and verified as
@@ -386,12 +396,7 @@ pub fn open(model: &str) -> Result<ModelSource> {
     let local = Path::new(model);
     let home = if local.is_dir() {
         SourceHome::Dir(local.to_path_buf())
-    } else if local.exists()
-        || model.starts_with('.')
-        || model.starts_with('/')
-        || model.starts_with('~')
-        || model.matches('/').count() != 1
-    {
+    } else if looks_local(model) {
         return Err(Error::Resolve {
             model: model.to_string(),
             message: "no such directory (a hub repo id looks like `org/name`)".into(),
@@ -429,11 +434,6 @@ pub fn resolve_with(model: &str, opts: ResolveOptions<'_>) -> Result<(ResolvedMo
             message,
         }
     };
-    let looks_local = local.exists()
-        || model.starts_with('.')
-        || model.starts_with('/')
-        || model.starts_with('~')
-        || model.matches('/').count() != 1;
     let mut session = Session::new(opts);
     let mut plan = Plan {
         listings: Vec::new(),
@@ -461,7 +461,7 @@ pub fn resolve_with(model: &str, opts: ResolveOptions<'_>) -> Result<(ResolvedMo
         })?;
         let w = Wanted::Here(local.join(weights));
         (Home::Dir(local.to_path_buf()), config_path, w)
-    } else if looks_local {
+    } else if looks_local(model) {
         return Err(fail(format!(
             "no such directory (a hub repo id looks like `org/name`, e.g. `{DEFAULT_MODEL}`)"
         )));
