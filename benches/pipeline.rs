@@ -42,6 +42,17 @@ fn jpeg(img: &image::RgbImage) -> Vec<u8> {
     c.finish().expect("jpeg finish")
 }
 
+/// What a phone writes: baseline (not progressive), 4:2:0, quality 90.
+fn jpeg_baseline(img: &image::RgbImage) -> Vec<u8> {
+    let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+    c.set_size(img.width() as usize, img.height() as usize);
+    c.set_fastest_defaults();
+    c.set_quality(90.0);
+    let mut c = c.start_compress(Vec::new()).expect("jpeg start");
+    c.write_scanlines(img.as_raw()).expect("jpeg scanlines");
+    c.finish().expect("jpeg finish")
+}
+
 fn png(img: &image::RgbImage) -> Vec<u8> {
     let mut out = Vec::new();
     image::DynamicImage::ImageRgb8(img.clone())
@@ -74,6 +85,27 @@ fn preprocess(c: &mut Criterion) {
             );
         }
     }
+    g.finish();
+    // A 12 MP photo in its two steps: decode (baseline 4:2:0 as phones write
+    // it, and mozjpeg's default progressive), then resize + crop + normalise.
+    let img = photo(4000, 3000);
+    let mut g = c.benchmark_group("preprocess-12mp");
+    g.throughput(Throughput::Elements(1));
+    let baseline = jpeg_baseline(&img);
+    let progressive = jpeg(&img);
+    g.bench_function("decode/jpeg-baseline-420", |b| {
+        b.iter(|| p.decode(black_box(&baseline)).expect("decodes"))
+    });
+    g.bench_function("decode/jpeg-progressive", |b| {
+        b.iter(|| p.decode(black_box(&progressive)).expect("decodes"))
+    });
+    let decoded = p.decode(&baseline).expect("decodes");
+    g.bench_function("resize-crop-normalise", |b| {
+        b.iter(|| p.pixels(black_box(&decoded)))
+    });
+    g.bench_function("all/jpeg-baseline-420", |b| {
+        b.iter(|| p.preprocess(black_box(&baseline)).expect("decodes"))
+    });
     g.finish();
 }
 

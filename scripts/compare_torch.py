@@ -14,6 +14,11 @@ What it measures
       ``quant_pre_process``: its shape inference fails on these dynamo exports),
       ``intra_op_num_threads=cores``, all graph optimisations.
 
+    * bf16 on CPU (``--bf16``, on by default where ``capivara bench --ceiling``
+      reports a bf16 kernel, i.e. AVX-512 BF16): capivara ``--dtype bf16`` (the
+      encoders' linear layers on ``vdpbf16ps``, f32 accumulation) vs PyTorch
+      ``torch.autocast("cpu", dtype=torch.bfloat16)`` on the fp32 model.
+
     All engines embed the same inputs: images = one deterministic synthetic
     224x224 picture (the one ``capivara bench`` makes, ``src/bench.rs``),
     preprocessed once and repeated ``batch`` times; texts = the 16 Portuguese
@@ -36,6 +41,11 @@ What it measures
     of the matmul rate above 15% is reported as a busy machine: the figures are then
     unreliable (PyTorch's OpenMP threads slow down by up to ~20x when another
     process takes the cores).
+
+    capivara's own kernel ceilings come from ``capivara bench --ceiling 2048``
+    (one 2048^3 product through each of its f32, bf16 and int8 kernels): the
+    int8 rows are also given as a share of the int8 ceiling (integer
+    operations), the bf16 rows as a ratio to capivara fp32.
 
     Before timing, it checks that the numbers are right: ``capivara embed`` on a
     few texts and two images vs open_clip (max abs diff of the normalised
@@ -449,6 +459,17 @@ def agreement(a, model, preprocess, tokens: Tokens, workdir: Path, image_size: i
         i_diff, i_cos = compare(got["images"], ref_img)
         out["capivara_int8"] = {"text_max_abs_diff": t_diff, "text_min_cos": t_cos,
                                 "image_max_abs_diff": i_diff, "image_min_cos": i_cos}
+    if getattr(a, "bf16", False):
+        got = run_capivara(a.capivara, *args, "--dtype", "bf16")
+        t_diff, t_cos = compare(got["texts"], ref_txt)
+        i_diff, i_cos = compare(got["images"], ref_img)
+        out["capivara_bf16"] = {"text_max_abs_diff": t_diff, "text_min_cos": t_cos,
+                                "image_max_abs_diff": i_diff, "image_min_cos": i_cos}
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            txt = model.encode_text(tokens.batch(AGREEMENT_TEXTS), normalize=True).float().numpy()
+            img = model.encode_image(torch.stack(pixels), normalize=True).float().numpy()
+        out["torch_bf16_autocast"] = {"text_min_cos": compare(txt, ref_txt)[1],
+                                      "image_min_cos": compare(img, ref_img)[1]}
     # for context: what PyTorch's own half-precision models give vs fp32
     for d in dtypes:
         if d != "f32":
@@ -602,7 +623,7 @@ def fmt_pct(x):
     return f"{x:.1f}%" if x >= 1 else f"{x:.2f}%"
 
 
-def markdown_table(rows, show_dtype: bool, with_onnx: bool, with_int8: bool = False):
+def markdown_table(rows, show_dtype: bool, with_onnx: bool, with_int8: bool = False, with_bf16: bool = False):
     """rows: tower, batch; columns as in the module docstring. `dtype` only when several / not f32."""
     one = "" if show_dtype else " fp32"
     head = ["tower", "batch", "tokens", "GFLOP/item"] + (["dtype"] if show_dtype else [])
@@ -610,7 +631,9 @@ def markdown_table(rows, show_dtype: bool, with_onnx: bool, with_int8: bool = Fa
     if with_onnx:
         head += ["ORT fp32/s", "ORT int8/s"]
     if with_int8:
-        head += ["capivara int8/s", "capivara int8/PyTorch"]
+        head += ["capivara int8/s", "capivara int8/PyTorch", "int8 % of int8 ceiling"]
+    if with_bf16:
+        head += ["PyTorch bf16/s", "capivara bf16/s", "bf16/capivara fp32"]
     head += ["capivara % of ceiling", "PyTorch % of ceiling"]
     if with_onnx:
         head += ["ORT fp32 % of ceiling"]
@@ -624,7 +647,12 @@ def markdown_table(rows, show_dtype: bool, with_onnx: bool, with_int8: bool = Fa
             cells += [fmt_rate(r.get("ort_fp32")), fmt_rate(r.get("ort_int8"))]
         if with_int8:
             ratio = r.get("int8_ratio")
-            cells += [fmt_rate(r.get("capivara_int8")), "-" if ratio is None else f"{ratio:.2f}x"]
+            cells += [fmt_rate(r.get("capivara_int8")), "-" if ratio is None else f"{ratio:.2f}x",
+                      fmt_pct(r.get("capivara_int8_pct_of_int8_ceiling"))]
+        if with_bf16:
+            br = r.get("bf16_vs_capivara_fp32")
+            cells += [fmt_rate(r.get("torch_bf16")), fmt_rate(r.get("capivara_bf16")),
+                      "-" if br is None else f"{br:.2f}x"]
         cells += [fmt_pct(r["capivara_pct"]), fmt_pct(r["torch_pct"])]
         if with_onnx:
             cells.append(fmt_pct(r.get("ort_fp32_pct")))
@@ -660,6 +688,8 @@ def parse_args():
     ap.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
     ap.add_argument("--no-int8", dest="int8", action="store_false",
                     help="skip capivara --quantize int8 (CPU f32 rows only; needs AVX-512 VNNI)")
+    ap.add_argument("--no-bf16", dest="bf16", action="store_false",
+                    help="skip the bf16 columns (capivara --dtype bf16 vs PyTorch bf16 autocast; CPU f32 rows only)")
     ap.add_argument("--json", type=Path, default=None, help="also write all results to this JSON file")
     ap.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                     help=f"where the default model and the ONNX exports are kept (default {default_cache_dir()})")
@@ -675,6 +705,7 @@ def parse_args():
         ap.error("--repeats must be >= 1")
     a.onnx = not a.no_onnx and not a.cuda and "f32" in a.dtypes
     a.int8 = a.int8 and not a.cuda and "f32" in a.dtypes
+    a.bf16 = a.bf16 and not a.cuda and "f32" in a.dtypes
     cap = a.capivara
     if not cap.is_absolute() and not cap.exists() and (REPO / cap).exists():
         cap = REPO / cap
@@ -747,6 +778,17 @@ def main():
         ort_matmul.append(ort_matmul_gflops(a.threads, n=mm_n))
         log(f"== {mm_n}^3 ONNX Runtime MatMul f32: {ort_matmul[0]:.1f} GFLOP/s")
 
+    # capivara's own kernels on one 2048^3 product (f32, bf16, int8 as this CPU has them)
+    kernel_ceilings = {}
+    if not a.cuda:
+        got = run_capivara(a.capivara, "bench", "--ceiling", str(mm_n), "--seconds", "2")
+        kernel_ceilings = {c["kernel"]: c["gflops"] for c in got.get("ceilings", [])}
+        log(f"== capivara kernels on {mm_n}^3: "
+            + ", ".join(f"{k} {v:.1f} G(FL)OP/s" for k, v in kernel_ceilings.items()))
+    if a.bf16 and "bf16" not in kernel_ceilings:
+        log("== no bf16 kernel on this CPU (AVX-512 BF16): the bf16 columns are skipped")
+        a.bf16 = False
+
     for d in a.dtypes:
         if d == "f32" and not a.cuda:
             TORCH_MODELS[d] = model
@@ -786,7 +828,7 @@ def main():
                         tok, flops = int(x.shape[1]), text_flops(model_cfg, text_config, int(x.shape[1]))
                     plan.append({"tower": tower, "batch": b, "dtype": d, "tokens": tok, "flops": flops,
                                  "x_cpu": x, "runs": {"torch": [], "capivara": [], "capivara_int8": [], "ort_fp32": [],
-                                          "ort_int8": []},
+                                          "ort_int8": [], "torch_bf16": [], "capivara_bf16": []},
                                  "capivara_tokens": None, "capivara_threads": None, "iters": {}})
 
         for rep in range(a.repeats):
@@ -827,6 +869,23 @@ def main():
                     (cr,) = got["rows"]
                     row["runs"]["capivara_int8"].append(cr["per_second"])
                     time.sleep(PAUSE)
+                # bf16: PyTorch autocast on the fp32 model vs capivara --dtype bf16
+                if a.bf16 and d == "f32":
+                    x = row["x_cpu"]
+                    fn_b = (lambda x=x: model.encode_image(x, normalize=True)) if tower == "image" else \
+                        (lambda x=x: model.encode_text(x, normalize=True))
+                    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                        spb, it = time_loop(fn_b, lambda: None, a.warmup, a.seconds, a.iters)
+                    row["runs"]["torch_bf16"].append(b / spb)
+                    time.sleep(PAUSE)
+                    got = run_capivara(a.capivara, "bench", "--model", str(a.model), "--device", a.device,
+                                       "--dtype", "bf16", "--tower", tower,
+                                       "--batch", str(b), "--warmup", str(a.warmup),
+                                       "--seconds", str(a.seconds), "--iters", str(a.iters),
+                                       "--texts", str(texts_file))
+                    (cr,) = got["rows"]
+                    row["runs"]["capivara_bf16"].append(cr["per_second"])
+                    time.sleep(PAUSE)
                 # ONNX Runtime
                 if sessions is not None and d == "f32":
                     xn = row["x_cpu"].numpy()
@@ -839,6 +898,8 @@ def main():
                 r = row["runs"]
                 log(f"  {label}: torch {r['torch'][-1]:.2f}/s, capivara {r['capivara'][-1]:.2f}/s"
                     + (f", capivara int8 {r['capivara_int8'][-1]:.2f}/s" if r["capivara_int8"] else "")
+                    + (f", torch bf16 {r['torch_bf16'][-1]:.2f}/s, capivara bf16 {r['capivara_bf16'][-1]:.2f}/s"
+                       if r["capivara_bf16"] else "")
                     + (f", ORT fp32 {r['ort_fp32'][-1]:.2f}/s, int8 {r['ort_int8'][-1]:.2f}/s"
                        if sessions is not None and d == "f32" else ""))
 
@@ -866,6 +927,10 @@ def main():
             "torch": med["torch"], "capivara": med["capivara"], "ratio": med["capivara"] / med["torch"],
             "ort_fp32": med["ort_fp32"], "ort_int8": med["ort_int8"],
             "capivara_int8": med["capivara_int8"],
+            "torch_bf16": med["torch_bf16"], "capivara_bf16": med["capivara_bf16"],
+            "bf16_vs_capivara_fp32": (med["capivara_bf16"] / med["capivara"]) if med["capivara_bf16"] else None,
+            "capivara_int8_pct_of_int8_ceiling": (100 * med["capivara_int8"] * row["flops"] / 1e9 / kernel_ceilings["int8"])
+            if med["capivara_int8"] and kernel_ceilings.get("int8") else None,
             "int8_ratio": (med["capivara_int8"] / med["torch"]) if med["capivara_int8"] else None,
             "capivara_pct": pct(med["capivara"]), "torch_pct": pct(med["torch"]),
             "ort_fp32_pct": pct(med["ort_fp32"]), "ort_int8_pct": pct(med["ort_int8"]),
@@ -902,7 +967,7 @@ def main():
     print(f"- texts: the {len(PROMPTS)} prompts of benches/prompts.txt cycled to the batch, "
           f"{min(lengths)}-{max(lengths)} tokens each (incl. <s> </s>), padded to the longest of the batch "
           f"(`tokens` column)\n")
-    print(markdown_table(rows, a.cuda or a.dtypes != ["f32"], a.onnx, a.int8))
+    print(markdown_table(rows, a.cuda or a.dtypes != ["f32"], a.onnx, a.int8, a.bf16))
     print()
     c32 = agree["capivara"]["f32"]
     print(f"- agreement (capivara embed {a.device} f32 vs open_clip fp32, {len(AGREEMENT_TEXTS)} texts, "
@@ -919,6 +984,14 @@ def main():
         r = agree["capivara_int8"]
         print(f"- capivara int8 (--quantize int8) vs open_clip fp32: min cos text {r['text_min_cos']:.5f}, "
               f"image {r['image_min_cos']:.5f}")
+    if kernel_ceilings:
+        print(f"- capivara's kernels on one {mm_n}^3 product (`capivara bench --ceiling {mm_n}`): "
+              + ", ".join(f"{k} {v:.1f} G{'OP' if k == 'int8' else 'FLOP'}/s" for k, v in kernel_ceilings.items()))
+    if "capivara_bf16" in agree:
+        r, t = agree["capivara_bf16"], agree["torch_bf16_autocast"]
+        print(f"- capivara bf16 (--dtype bf16) vs open_clip fp32: min cos text {r['text_min_cos']:.5f}, "
+              f"image {r['image_min_cos']:.5f} (PyTorch bf16 autocast vs fp32: text {t['text_min_cos']:.5f}, "
+              f"image {t['image_min_cos']:.5f})")
     if onnx_checks:
         c = onnx_checks
         print(f"- ONNX export check (vs PyTorch, batch {c['inputs']['image'][0]} and 1, "
@@ -933,7 +1006,7 @@ def main():
         result = {"machine": machine, "model": str(a.model), "capivara": str(a.capivara), "device": a.device,
                   "dtypes": a.dtypes, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
                   "prompts": PROMPTS, "prompt_tokens": lengths, "matmul_gflops": matmul, "ort_matmul_gflops": ort_matmul,
-                  "ceiling_gflops": ceilings, "busy": busy,
+                  "ceiling_gflops": ceilings, "kernel_ceilings": kernel_ceilings, "busy": busy,
                   "image_gflop": image_flops(model_cfg) / 1e9, "agreement": agree, "onnx_checks": onnx_checks,
                   "rows": rows}
         a.json.parent.mkdir(parents=True, exist_ok=True)
@@ -943,6 +1016,9 @@ def main():
         log(f"== wrote {a.json}")
     if not agree["ok"]:
         sys.exit("capivara and open_clip disagree: the figures above are not comparable")
+    q = agree.get("capivara_bf16")
+    if q and min(q["text_min_cos"], q["image_min_cos"]) < 0.999:
+        sys.exit("capivara --dtype bf16 is below cosine 0.999 to open_clip fp32: its figures do not count")
     q = agree.get("capivara_int8")
     if q and min(q["text_min_cos"], q["image_min_cos"]) < 0.99:
         sys.exit("capivara --quantize int8 is below cosine 0.99 to open_clip fp32: its figures do not count")

@@ -122,6 +122,83 @@ pub fn measure(
     })
 }
 
+/// The rate of one CPU kernel on an `n x n x n` product.
+#[derive(Debug, Clone, Serialize)]
+pub struct CeilingRow {
+    /// `f32`, `bf16` or `int8`.
+    pub kernel: &'static str,
+    pub size: usize,
+    pub iters: usize,
+    /// 2 n^3 / seconds per product, in billions (for int8: operations).
+    pub gflops: f64,
+}
+
+/// The ceilings the CPU kernels reach: each kernel this CPU has (f32 always
+/// where there are kernels, bf16 with AVX-512 BF16, int8 with AVX-512 VNNI)
+/// on one `size`-cubed product through the whole call (packed weights, the
+/// activations converted or quantized per call, threads), best of the
+/// passes timed for `min_time`. The model rows are compared against these.
+pub fn kernel_ceilings(size: usize, min_time: Duration) -> Vec<CeilingRow> {
+    use crate::kernels::{bgemm, qgemm, sgemm};
+    let Some(isa) = crate::kernels::isa() else {
+        return vec![];
+    };
+    let a: Vec<f32> = (0..size * size)
+        .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+        .collect();
+    let w: Vec<f32> = (0..size * size)
+        .map(|i| ((i * 104_729 % 997) as f32 / 498.5) - 1.0)
+        .collect();
+    let mut c = vec![0f32; size * size];
+    let time = |c: &mut [f32], f: &mut dyn FnMut(&mut [f32])| -> (usize, f64) {
+        f(c); // warm-up
+        let (start, mut best, mut iters) = (Instant::now(), f64::INFINITY, 0);
+        while iters < 3 || start.elapsed() < min_time {
+            let t = Instant::now();
+            f(c);
+            best = best.min(t.elapsed().as_secs_f64());
+            iters += 1;
+        }
+        (iters, 2.0 * (size as f64).powi(3) / best / 1e9)
+    };
+    let epi = sgemm::Epilogue::None;
+    let mut rows = Vec::new();
+    let pool = crate::kernels::pool();
+    let f = sgemm::PackedMatrix::pack(&w, size, size, None, isa);
+    let (iters, gflops) =
+        pool.install(|| time(&mut c, &mut |c| sgemm::matmul(&a, size, &f, epi, c)));
+    rows.push(CeilingRow {
+        kernel: "f32",
+        size,
+        iters,
+        gflops,
+    });
+    drop(f);
+    if bgemm::available() {
+        let b = bgemm::BPackedMatrix::pack(&w, size, size, None);
+        let (iters, gflops) =
+            pool.install(|| time(&mut c, &mut |c| bgemm::matmul(&a, size, &b, epi, c)));
+        rows.push(CeilingRow {
+            kernel: "bf16",
+            size,
+            iters,
+            gflops,
+        });
+    }
+    if qgemm::available() {
+        let q = qgemm::QPackedMatrix::pack(&w, size, size, None);
+        let (iters, gflops) =
+            pool.install(|| time(&mut c, &mut |c| qgemm::matmul(&a, size, &q, epi, c)));
+        rows.push(CeilingRow {
+            kernel: "int8",
+            size,
+            iters,
+            gflops,
+        });
+    }
+    rows
+}
+
 /// The default texts as owned strings.
 pub fn default_texts() -> Vec<String> {
     prompts().into_iter().map(String::from).collect()

@@ -138,7 +138,9 @@ struct ModelArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, env = "CAPIVARA_DEVICE", default_value = "cpu")]
     device: String,
-    /// Weights dtype: f32, f16 or bf16 (f32 is fastest on CPU).
+    /// Weights dtype: f32, f16 or bf16. On a CPU, bf16 runs the linear
+    /// layers on AVX-512 BF16 (f32 accumulation), or f32 with a warning
+    /// where the CPU lacks it.
     #[arg(long, env = "CAPIVARA_DTYPE", default_value = "f32")]
     dtype: String,
     /// `int8`: int8 weights and activations in the encoders' linear layers
@@ -366,10 +368,27 @@ struct BenchArgs {
     /// benches/prompts.txt, 8-16 tokens each).
     #[arg(long)]
     texts: Option<PathBuf>,
+    /// Time the CPU kernels instead of a model: one N x N x N product with
+    /// each kernel this CPU has (f32, bf16, int8), GFLOP/s (e.g. 2048).
+    #[arg(long, value_name = "N")]
+    ceiling: Option<usize>,
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
     use capivara::bench::{measure, Tower};
+    if let Some(n) = args.ceiling {
+        anyhow::ensure!((1..=16384).contains(&n), "--ceiling: N must be 1..=16384");
+        let rows =
+            capivara::bench::kernel_ceilings(n, std::time::Duration::from_secs_f64(args.seconds));
+        anyhow::ensure!(
+            !rows.is_empty(),
+            "this CPU has no kernels of capivara's (AVX2 or AVX-512)"
+        );
+        return print_json(&serde_json::json!({
+            "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            "ceilings": rows,
+        }));
+    }
     let choice = args.model.parse()?;
     anyhow::ensure!(
         args.batch.iter().all(|&b| b > 0),

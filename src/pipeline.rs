@@ -23,6 +23,34 @@ pub struct Pipeline {
     pub files: ModelFiles,
 }
 
+/// What `--dtype bf16` means on a CPU: the f32 model with its encoders'
+/// linear layers in bf16 on AVX-512 BF16 (`vdpbf16ps`, f32 accumulation);
+/// without that instruction, f32 (faster here than bf16 emulated in
+/// software), said in a warning. Other devices keep their dtype.
+fn cpu_bf16(
+    device: &Device,
+    dtype: DType,
+    quantization: Quantization,
+) -> Result<(DType, Quantization)> {
+    if !device.is_cpu() || dtype != DType::BF16 {
+        return Ok((dtype, quantization));
+    }
+    if quantization != Quantization::None {
+        return Err(crate::Error::InvalidArgument(
+            "--dtype bf16 and --quantize int8 are exclusive on the CPU (int8 runs on the f32 model)"
+                .into(),
+        ));
+    }
+    if crate::kernels::bgemm::available() {
+        Ok((DType::F32, Quantization::Bf16))
+    } else {
+        tracing::warn!(
+            "--dtype bf16: this CPU has no AVX-512 BF16 (vdpbf16ps); running f32 instead"
+        );
+        Ok((DType::F32, Quantization::None))
+    }
+}
+
 impl Pipeline {
     /// Resolves `model` (directory or hub repo id) and loads it.
     pub fn load(model: &str, device: &Device, dtype: DType) -> Result<Self> {
@@ -36,7 +64,19 @@ impl Pipeline {
         dtype: DType,
         quantization: Quantization,
     ) -> Result<Self> {
-        let mut p = Self::from_resolved(resolve::resolve(model)?, device, dtype)?;
+        Self::from_resolved_with(resolve::resolve(model)?, device, dtype, quantization)
+    }
+
+    /// [`from_resolved`](Self::from_resolved) with a quantization of the
+    /// linear layers (and `--dtype bf16` on a CPU as the bf16 kernels).
+    pub fn from_resolved_with(
+        model: ResolvedModel,
+        device: &Device,
+        dtype: DType,
+        quantization: Quantization,
+    ) -> Result<Self> {
+        let (dtype, quantization) = cpu_bf16(device, dtype, quantization)?;
+        let mut p = Self::from_resolved(model, device, dtype)?;
         p.clip.quantize(quantization)?;
         Ok(p)
     }

@@ -442,6 +442,98 @@ fn int8_quantization_stays_close_to_f32_or_is_refused_clearly() {
     assert_eq!(json(&out)["quantize"], "int8");
 }
 
+/// `--dtype bf16` on the CPU: the bf16 kernels (AVX-512 BF16) within cosine
+/// 0.999 of f32, or, without them (forced here with
+/// `CAPIVARA_CPU_KERNELS=avx2`), f32 itself and a warning that says so.
+#[test]
+fn bf16_runs_the_bf16_kernels_or_falls_back_to_f32_with_a_warning() {
+    let r = reference();
+    let run = |extra: &[&str], env: Option<(&str, &str)>| {
+        let mut cmd = capivara();
+        cmd.args(["embed", "--model"]).arg(tiny_dir());
+        for t in &r.texts {
+            cmd.arg("--text").arg(t);
+        }
+        for i in &r.images[..4] {
+            cmd.arg("--image").arg(fixtures().join("images").join(i));
+        }
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        cmd.args(extra).output().unwrap()
+    };
+    let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    let f = json(&run(&["--dtype", "f32"], None));
+    if capivara::kernels::bgemm::available() {
+        let b = json(&run(&["--dtype", "bf16"], None));
+        for kind in ["texts", "images"] {
+            let (x, y) = (matrix(&f[kind]), matrix(&b[kind]));
+            assert_eq!(x.len(), y.len());
+            for (p, q) in x.iter().zip(&y) {
+                let c = cos(p, q);
+                assert!(c >= 0.999, "{kind}: cosine {c} between bf16 and f32");
+                assert!(
+                    c < 0.999_999_9,
+                    "{kind}: bf16 gave the f32 result (not bf16?)"
+                );
+            }
+        }
+    }
+    // Without the instruction: f32, bit for bit, and a warning.
+    let avx2 = Some(("CAPIVARA_CPU_KERNELS", "avx2"));
+    let out = run(&["--dtype", "bf16"], avx2);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no AVX-512 BF16") && stderr.contains("running f32"),
+        "{stderr}"
+    );
+    assert_eq!(
+        json(&out)["texts"],
+        json(&run(&["--dtype", "f32"], avx2))["texts"]
+    );
+    // bf16 and int8 do not combine.
+    let out = run(&["--dtype", "bf16", "--quantize", "int8"], None);
+    assert_one_line_error(&out, "exclusive");
+}
+
+/// `bench --ceiling N`: one N^3 product per kernel this CPU has.
+#[test]
+fn bench_ceiling_reports_each_kernel() {
+    let out = capivara()
+        .args(["bench", "--ceiling", "96", "--seconds", "0"])
+        .output()
+        .unwrap();
+    if capivara::kernels::isa().is_none() {
+        // CAPIVARA_CPU_KERNELS=off, or a CPU without AVX2.
+        assert_one_line_error(&out, "no kernels");
+        return;
+    }
+    let v = json(&out);
+    let kernels: Vec<&str> = v["ceilings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            assert_eq!(c["size"], 96);
+            assert!(c["gflops"].as_f64().unwrap() > 0.0);
+            c["kernel"].as_str().unwrap()
+        })
+        .collect();
+    let mut want = vec!["f32"];
+    if capivara::kernels::bgemm::available() {
+        want.push("bf16");
+    }
+    if capivara::kernels::qgemm::available() {
+        want.push("int8");
+    }
+    assert_eq!(kernels, want);
+    let out = capivara()
+        .args(["bench", "--ceiling", "0"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "--ceiling");
+}
+
 #[test]
 fn quantization_flag_errors() {
     for (args, needle) in [

@@ -7,6 +7,9 @@
 //! devices use candle's own ops). `CAPIVARA_CPU_KERNELS=avx512|avx2|off`
 //! overrides the detection (for benchmarks and tests).
 
+#[cfg(target_arch = "x86_64")]
+pub mod attention;
+pub mod bgemm;
 pub mod gelu;
 pub mod qgemm;
 pub mod sgemm;
@@ -79,6 +82,23 @@ pub fn run<T: Send>(rows: usize, f: impl FnOnce() -> T + Send) -> T {
         return f();
     }
     rayon::ThreadPool::install(pool(), f)
+}
+
+/// Token rows a forward pass on the CPU takes at once (larger batches are
+/// cut into slices of this size: see `Clip::encode_image`);
+/// `CAPIVARA_CHUNK_ROWS` overrides it (0: never cut).
+pub fn chunk_rows() -> usize {
+    static ROWS: OnceLock<usize> = OnceLock::new();
+    *ROWS.get_or_init(|| {
+        match std::env::var("CAPIVARA_CHUNK_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            Some(0) => usize::MAX,
+            Some(n) => n,
+            None => 512,
+        }
+    })
 }
 
 /// Largest forward pass (in token rows) run on the pool;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use candle_core::{DType, Layout, Module, Result, Shape, Tensor, D};
 use candle_nn::VarBuilder;
 
+use crate::kernels::bgemm::{self, BPackedMatrix};
 use crate::kernels::qgemm::{self, QPackedMatrix};
 use crate::kernels::sgemm::{self, Epilogue, PackedMatrix};
 
@@ -41,6 +42,7 @@ pub struct Linear {
 enum Packed {
     F32(Arc<PackedMatrix>),
     Int8(Arc<QPackedMatrix>),
+    Bf16(Arc<BPackedMatrix>),
 }
 
 impl Linear {
@@ -49,6 +51,18 @@ impl Linear {
         Self {
             weight: Some(weight),
             bias,
+            packed: None,
+            in_dim,
+            out_dim,
+        }
+    }
+
+    /// A linear whose weight lives elsewhere (see `AdaptedLinear::release`):
+    /// its forward pass is an error.
+    pub fn released(in_dim: usize, out_dim: usize) -> Self {
+        Self {
+            weight: None,
+            bias: None,
             packed: None,
             in_dim,
             out_dim,
@@ -98,8 +112,41 @@ impl Linear {
             (Some(w), _) => w.to_dtype(DType::F32)?.flatten_all()?.to_vec1(),
             (None, Some(Packed::F32(p))) => Ok(p.unpack()),
             (None, Some(Packed::Int8(q))) => Ok(q.dequantized()),
+            (None, Some(Packed::Bf16(b))) => Ok(b.unpack()),
             (None, None) => candle_core::bail!("linear without a weight"),
         }
+    }
+
+    /// Applies `q` to the weight: int8 ([`Self::quantize_int8`]), bf16
+    /// ([`Self::to_bf16`]) or nothing.
+    pub fn quantize(&mut self, q: super::Quantization) -> Result<()> {
+        match q {
+            super::Quantization::None => Ok(()),
+            super::Quantization::Int8 => self.quantize_int8(),
+            super::Quantization::Bf16 => self.to_bf16(),
+        }
+    }
+
+    /// Rounds the weight to bf16 for the bf16 CPU kernels (AVX-512 BF16):
+    /// inputs are rounded to bf16 at run time, products accumulate in f32.
+    pub fn to_bf16(&mut self) -> Result<()> {
+        if !bgemm::available() {
+            candle_core::bail!("bf16 on the CPU needs AVX-512 BF16");
+        }
+        if let Some(w) = &self.weight {
+            if !w.device().is_cpu() || w.dtype() != DType::F32 {
+                candle_core::bail!("bf16 kernels need the f32 model on the CPU");
+            }
+        }
+        let data = self.weight_values()?;
+        let bias: Option<Vec<f32>> = match &self.bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1()?),
+            None => None,
+        };
+        let b = BPackedMatrix::pack(&data, self.out_dim, self.in_dim, bias.as_deref());
+        self.packed = Some(Packed::Bf16(Arc::new(b)));
+        self.weight = None;
+        Ok(())
     }
 
     /// Quantizes the weight to int8 (per output channel) for the int8 CPU
@@ -200,6 +247,7 @@ impl candle_core::CustomOp1 for PackedOp {
         let (wk, n) = match &self.w {
             Packed::F32(p) => (p.k, p.n),
             Packed::Int8(q) => (q.k, q.n),
+            Packed::Bf16(b) => (b.k, b.n),
         };
         if k != wk {
             candle_core::bail!("packed linear: {k} input features, the weight has {wk}");
@@ -209,6 +257,7 @@ impl candle_core::CustomOp1 for PackedOp {
         match &self.w {
             Packed::F32(p) => sgemm::matmul(a, m, p, self.epilogue, &mut out),
             Packed::Int8(q) => qgemm::matmul(a, m, q, self.epilogue, &mut out),
+            Packed::Bf16(b) => bgemm::matmul(a, m, b, self.epilogue, &mut out),
         }
         Ok((candle_core::CpuStorage::F32(out), Shape::from((m, n))))
     }
@@ -241,6 +290,89 @@ impl Module for Linear {
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.out_dim;
         y.reshape(out_dims)
+    }
+}
+
+/// Multi-head attention over a fused `q|k|v` projection `(b, l, 3w)` with
+/// the CPU attention kernel ([`crate::kernels::attention`]): `(b, l, w)`.
+/// `key_bias`: an additive bias per key `(b * l)`. `None` where the kernel
+/// does not apply (another device or dtype, a graph to keep, no AVX-512):
+/// the caller then uses tensor ops.
+pub fn fused_attention(
+    qkv: &Tensor,
+    heads: usize,
+    scale: f32,
+    key_bias: Option<&Arc<Vec<f32>>>,
+) -> Result<Option<Tensor>> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !crate::kernels::attention::available()
+            || !qkv.device().is_cpu()
+            || qkv.dtype() != DType::F32
+            || qkv.track_op()
+        {
+            return Ok(None);
+        }
+        let op = AttentionOp {
+            heads,
+            scale,
+            bias: key_bias.cloned(),
+        };
+        Ok(Some(qkv.contiguous()?.apply_op1_no_bwd(&op)?))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (qkv, heads, scale, key_bias);
+        Ok(None)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+struct AttentionOp {
+    heads: usize,
+    scale: f32,
+    bias: Option<Arc<Vec<f32>>>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl candle_core::CustomOp1 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        use crate::kernels::attention::{attention, Heads};
+        let (b, len, w3) = l.shape().dims3()?;
+        let (Some((start, end)), candle_core::CpuStorage::F32(data)) = (l.contiguous_offsets(), s)
+        else {
+            candle_core::bail!("fused attention: the input must be contiguous f32");
+        };
+        let w = w3 / 3;
+        if w3 % 3 != 0 || w % self.heads != 0 {
+            candle_core::bail!(
+                "fused attention: width {w3} is not 3 x {} heads",
+                self.heads
+            );
+        }
+        if let Some(bias) = &self.bias {
+            if bias.len() != b * len {
+                candle_core::bail!("fused attention: {} key biases for {b} x {len}", bias.len());
+            }
+        }
+        let shape = Heads {
+            batch: b,
+            len,
+            heads: self.heads,
+            head_dim: w / self.heads,
+        };
+        let mut out = vec![0f32; b * len * w];
+        let bias = self.bias.as_ref().map(|v| v.as_slice());
+        attention(&data[start..end], shape, self.scale, bias, &mut out);
+        Ok((candle_core::CpuStorage::F32(out), Shape::from((b, len, w))))
     }
 }
 

@@ -207,12 +207,18 @@ impl AdaptedLinear {
         Ok(())
     }
 
-    /// int8 base weight (inference; merge adapters first).
-    pub fn quantize_int8(&mut self) -> Result<()> {
+    /// Drops the base weight (its product is computed elsewhere: a fused
+    /// `query|key|value` linear).
+    pub fn release(&mut self) {
+        self.base = Linear::released(self.base.in_dim(), self.base.out_dim());
+    }
+
+    /// int8 or bf16 base weight (inference; merge adapters first).
+    pub fn quantize(&mut self, q: super::Quantization) -> Result<()> {
         if self.adapter.is_some() {
             candle_core::bail!("merge the LoRA adapters before quantizing");
         }
-        self.base.quantize_int8()
+        self.base.quantize(q)
     }
 
     pub fn adapter(&self) -> Option<&LoraAdapter> {

@@ -4,11 +4,13 @@
 //! Names follow open_clip's state dict under `text.` (the encoder's own names
 //! under `text.transformer.`).
 
+use std::sync::Arc;
+
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 
 use super::config::{TextConfig, TextPooler, TextProj, XlmRobertaConfig};
-use super::layers::{softmax_last, Kernels, LayerNorm, Linear};
+use super::layers::{fused_attention, softmax_last, Kernels, LayerNorm, Linear};
 use super::lora::{AdaptedLinear, LoraBuilder};
 
 struct Embeddings {
@@ -56,6 +58,10 @@ struct EncoderLayer {
     query: AdaptedLinear,
     key: AdaptedLinear,
     value: AdaptedLinear,
+    /// `query|key|value` as one `(3h, h)` linear, built when the layer is
+    /// packed for CPU inference without adapters (one product instead of
+    /// three, read by the attention kernel as it is).
+    qkv: Option<Linear>,
     attn_out: Linear,
     attn_ln: LayerNorm,
     intermediate: Linear,
@@ -80,6 +86,7 @@ impl EncoderLayer {
             query: AdaptedLinear::load(sa.clone(), sl.as_ref(), "query", h, h)?,
             key: AdaptedLinear::load(sa.clone(), sl.as_ref(), "key", h, h)?,
             value: AdaptedLinear::load(sa, sl.as_ref(), "value", h, h)?,
+            qkv: None,
             attn_out: Linear::load(vb.pp("attention.output.dense"), h, h, true)?,
             attn_ln: LayerNorm::load(vb.pp("attention.output.LayerNorm"), h, eps, kernels)?,
             intermediate: Linear::load(
@@ -95,27 +102,88 @@ impl EncoderLayer {
         })
     }
 
-    /// `bias`: additive attention mask `(b, 1, 1, l)`.
-    fn forward(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    /// `bias`: additive attention mask `(b, 1, 1, l)`; `key_bias` the same
+    /// as `(b * l)` values for the attention kernel (f32 CPU inference).
+    fn forward(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        key_bias: Option<&Arc<Vec<f32>>>,
+    ) -> Result<Tensor> {
         let (b, l, h) = x.dims3()?;
         let hd = h / self.heads;
+        let (q, k, v) = match &self.qkv {
+            Some(qkv) => {
+                let y = qkv.forward(x)?;
+                let scale = 1.0 / (hd as f32).sqrt();
+                if let Some(ctx) = fused_attention(&y, self.heads, scale, key_bias)? {
+                    return self.finish(x, &ctx);
+                }
+                // No attention kernel here (AVX2): the three thirds.
+                (
+                    y.narrow(2, 0, h)?,
+                    y.narrow(2, h, h)?,
+                    y.narrow(2, 2 * h, h)?,
+                )
+            }
+            None => (
+                self.query.forward(x)?,
+                self.key.forward(x)?,
+                self.value.forward(x)?,
+            ),
+        };
         let split = |t: Tensor| -> Result<Tensor> {
             t.reshape((b, l, self.heads, hd))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = split((self.query.forward(x)? * (1.0 / (hd as f64).sqrt()))?)?;
-        let k = split(self.key.forward(x)?)?;
-        let v = split(self.value.forward(x)?)?;
+        let q = split((q * (1.0 / (hd as f64).sqrt()))?)?;
+        let k = split(k)?;
+        let v = split(v)?;
         let att = q.matmul(&k.t()?)?.broadcast_add(bias)?;
         let att = softmax_last(&att, self.kernels)?;
         let ctx = att.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
-        let x = self.attn_ln.forward(&(self.attn_out.forward(&ctx)? + x)?)?;
+        self.finish(x, &ctx)
+    }
+
+    /// Everything after the attention: output projection, residual, layer
+    /// norm, the feed-forward block.
+    fn finish(&self, x: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+        let x = self.attn_ln.forward(&(self.attn_out.forward(ctx)? + x)?)?;
         let y = self.intermediate.forward_gelu(&x)?;
         self.out_ln.forward(&(self.output.forward(&y)? + x)?)
     }
 
+    /// Builds the fused `query|key|value` linear (inference without
+    /// adapters) and releases the three separate weights.
+    fn fuse_qkv(&mut self) -> Result<()> {
+        if self.qkv.is_some()
+            || [&self.query, &self.key, &self.value]
+                .iter()
+                .any(|l| l.adapter().is_some() || l.base().weight().is_none())
+        {
+            return Ok(());
+        }
+        let parts = [&self.query, &self.key, &self.value].map(|l| l.base());
+        let w: Vec<&Tensor> = parts.iter().filter_map(|l| l.weight()).collect();
+        let b: Vec<&Tensor> = parts.iter().filter_map(|l| l.bias()).collect();
+        if !w[0].device().is_cpu() || w[0].dtype() != DType::F32 || b.len() != 3 {
+            return Ok(());
+        }
+        self.qkv = Some(Linear::new(Tensor::cat(&w, 0)?, Some(Tensor::cat(&b, 0)?)));
+        for l in [&mut self.query, &mut self.key, &mut self.value] {
+            l.release();
+        }
+        Ok(())
+    }
+
     fn pack_for_cpu(&mut self) -> Result<()> {
+        if crate::kernels::isa().is_some() {
+            self.fuse_qkv()?;
+        }
+        if let Some(l) = &mut self.qkv {
+            l.pack_for_cpu()?;
+        }
         for l in [&mut self.query, &mut self.key, &mut self.value] {
             l.pack_for_cpu()?;
         }
@@ -125,12 +193,16 @@ impl EncoderLayer {
         Ok(())
     }
 
-    fn quantize_int8(&mut self) -> Result<()> {
-        for l in [&mut self.query, &mut self.key, &mut self.value] {
-            l.quantize_int8()?;
+    fn quantize(&mut self, q: super::Quantization) -> Result<()> {
+        if let Some(l) = &mut self.qkv {
+            l.quantize(q)?;
+        } else {
+            for l in [&mut self.query, &mut self.key, &mut self.value] {
+                l.quantize(q)?;
+            }
         }
         for l in [&mut self.attn_out, &mut self.intermediate, &mut self.output] {
-            l.quantize_int8()?;
+            l.quantize(q)?;
         }
         Ok(())
     }
@@ -239,8 +311,14 @@ impl TextTower {
         let bias = ((mask.ones_like()? - &mask)? * neg)?
             .to_dtype(dtype)?
             .reshape((b, 1, 1, l))?;
+        // The same bias as plain values, for the attention kernel.
+        let key_bias = if dtype == DType::F32 && bias.device().is_cpu() && !x.track_op() {
+            Some(Arc::new(bias.flatten_all()?.to_vec1::<f32>()?))
+        } else {
+            None
+        };
         for layer in &self.layers {
-            x = layer.forward(&x, &bias)?;
+            x = layer.forward(&x, &bias, key_bias.as_ref())?;
         }
         let pooled = match self.pooler {
             TextPooler::Mean => {
@@ -285,11 +363,11 @@ impl TextTower {
         }
     }
 
-    /// int8 weights for every encoder layer (the projection, under 1% of
+    /// int8 or bf16 weights for every encoder layer (the projection, under 1% of
     /// the work, stays f32).
-    pub fn quantize_int8(&mut self) -> Result<()> {
+    pub fn quantize(&mut self, q: super::Quantization) -> Result<()> {
         for l in &mut self.layers {
-            l.quantize_int8()?;
+            l.quantize(q)?;
         }
         Ok(())
     }

@@ -7,7 +7,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::VisionConfig;
-use super::layers::{softmax_last, Activation, Kernels, LayerNorm, Linear};
+use super::layers::{fused_attention, softmax_last, Activation, Kernels, LayerNorm, Linear};
 
 const LN_EPS: f64 = 1e-5;
 
@@ -38,9 +38,14 @@ impl Attention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, l, w) = x.dims3()?;
         let hd = w / self.heads;
-        let qkv = self
-            .in_proj
-            .forward(x)?
+        let qkv = self.in_proj.forward(x)?;
+        if self.kernels == Kernels::Fused {
+            let scale = 1.0 / (hd as f32).sqrt();
+            if let Some(y) = fused_attention(&qkv, self.heads, scale, None)? {
+                return self.out_proj.forward(&y);
+            }
+        }
+        let qkv = qkv
             .reshape((b, l, 3, self.heads, hd))?
             .permute((2, 0, 3, 1, 4))?; // (3, b, h, l, hd)
         let scale = 1.0 / (hd as f64).sqrt();
@@ -126,9 +131,9 @@ impl ResidualBlock {
         Ok(())
     }
 
-    fn quantize_int8(&mut self) -> Result<()> {
+    fn quantize(&mut self, q: super::Quantization) -> Result<()> {
         for l in self.linears() {
-            l.quantize_int8()?;
+            l.quantize(q)?;
         }
         Ok(())
     }
@@ -231,12 +236,12 @@ impl VisionTransformer {
         self.proj.forward(&pooled)
     }
 
-    /// int8 weights for the patch embedding and every block (the output
+    /// int8 or bf16 weights for the patch embedding and every block (the output
     /// projection, 1% of the work, stays f32).
-    pub fn quantize_int8(&mut self) -> Result<()> {
-        self.patch_embed.quantize_int8()?;
+    pub fn quantize(&mut self, q: super::Quantization) -> Result<()> {
+        self.patch_embed.quantize(q)?;
         for b in &mut self.blocks {
-            b.quantize_int8()?;
+            b.quantize(q)?;
         }
         Ok(())
     }

@@ -427,8 +427,8 @@ impl AppState {
             };
             let (resolved, _) = crate::resolve::resolve_with(&source, opts)?;
             set_state(&states, &name, "loading".into());
-            let mut pipeline = Pipeline::from_resolved(resolved, &device, dtype)?;
-            pipeline.clip.quantize(quantization)?;
+            let mut pipeline =
+                Pipeline::from_resolved_with(resolved, &device, dtype, quantization)?;
             pipeline.preprocessor = pipeline.preprocessor.clone().with_max_pixels(max_pixels);
             pipeline.warm_up()?;
             let fingerprint = pipeline.fingerprint()?;

@@ -12,6 +12,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Activation, Conv2dConfig, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
+use capivara::model::layers::fused_attention;
+
 use super::generate::Decoder;
 use super::layers::{
     attend, causal_mask, last_position, linear, linear_from, split_heads, KvCache, Linear,
@@ -131,19 +133,24 @@ impl VisionLayer {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (n, t, h) = x.dims3()?;
         let d = h / self.heads;
-        let qkv = self
-            .ln1
-            .forward(x)?
-            .apply(&self.qkv)?
-            .reshape((n, t, 3, self.heads, d))?
-            .permute((2, 0, 3, 1, 4))?;
-        let (q, k, v) = (
-            qkv.get(0)?.contiguous()?,
-            qkv.get(1)?.contiguous()?,
-            qkv.get(2)?.contiguous()?,
-        );
-        let a = attend(&q, &k, &v, None, 1.0 / (d as f64).sqrt())?.apply(&self.proj)?;
-        let x = (x + a)?;
+        let qkv = self.ln1.forward(x)?.apply(&self.qkv)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        // capivara's attention kernel on CPU f32, tensor ops elsewhere.
+        let a = match fused_attention(&qkv, self.heads, scale as f32, None)? {
+            Some(a) => a,
+            None => {
+                let qkv = qkv
+                    .reshape((n, t, 3, self.heads, d))?
+                    .permute((2, 0, 3, 1, 4))?;
+                let (q, k, v) = (
+                    qkv.get(0)?.contiguous()?,
+                    qkv.get(1)?.contiguous()?,
+                    qkv.get(2)?.contiguous()?,
+                );
+                attend(&q, &k, &v, None, scale)?
+            }
+        };
+        let x = (x + a.apply(&self.proj)?)?;
         let m = gelu_linear(&self.fc1, &self.ln2.forward(&x)?, self.act)?.apply(&self.fc2)?;
         x + m
     }
