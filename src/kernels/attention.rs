@@ -9,6 +9,10 @@
 //! batched matmuls, the softmax, a transpose copy, the bias add), each a pass
 //! over memory with its own threading outside the kernels' pool.
 
+// Register tiles are indexed by row and column on purpose (the compiler
+// keeps `acc[r][c]` in zmm registers only with constant-bound loops).
+#![allow(clippy::needless_range_loop)]
+
 use std::arch::x86_64::*;
 
 /// The shape of one attention call.
@@ -235,6 +239,7 @@ unsafe fn softmax_row(x: &mut [f32], bias: Option<&[f32]>) {
 /// (Cephes' `expf` coefficients, ~1 ulp), `2^n` by `vscalefps`; inputs
 /// below -87.3 (including -inf) give exactly 0, as `expf` underflows.
 #[inline]
+#[allow(clippy::excessive_precision)]
 #[target_feature(enable = "avx512f,fma")]
 pub(crate) unsafe fn exp512(x: __m512) -> __m512 {
     let under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.336_55), _CMP_GE_OQ);

@@ -225,6 +225,16 @@ struct Pass<'a> {
 impl Pass<'_> {
     /// Horizontal: `rows` lines of `width` pixels -> `rows x coef.len()`.
     fn horizontal(&self, rows: usize, width: usize) -> Vec<u8> {
+        #[cfg(target_arch = "x86_64")]
+        if self.c == 3 && rgb_avx512_available() {
+            // SAFETY: AVX-512 F/BW/VL detected.
+            return unsafe { self.horizontal_rgb_avx512(rows, width) };
+        }
+        self.horizontal_planes(rows, width)
+    }
+
+    /// The portable horizontal pass.
+    fn horizontal_planes(&self, rows: usize, width: usize) -> Vec<u8> {
         let (c, n) = (self.c, self.coef.len());
         let half = 1i32 << (PRECISION_BITS - 1);
         let mut out = vec![0u8; rows * n * c];
@@ -256,6 +266,78 @@ impl Pass<'_> {
         out
     }
 
+    /// The horizontal pass of an RGB image on AVX-512, in place of the
+    /// planes above (which took 58% of a 12 MP resize in SSE2 code, a quarter
+    /// of that splitting lines into planes): each output pixel is one pass
+    /// over its window's interleaved bytes, 48 at a time (16 pixels' worth of
+    /// three channels) widened to 32-bit lanes and multiplied by the weights
+    /// repeated per channel; the three channel sums are masked reductions of
+    /// the three accumulators (lane `j` of accumulator `a` holds channel
+    /// `(16 a + j) mod 3`). Integer arithmetic throughout: the same sums, so
+    /// the same bytes, as PIL.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn horizontal_rgb_avx512(&self, rows: usize, width: usize) -> Vec<u8> {
+        use std::arch::x86_64::*;
+        let n = self.coef.len();
+        let half = 1i32 << (PRECISION_BITS - 1);
+        // Weights per output pixel, each repeated for R, G, B, zero-padded
+        // to whole groups of 48 lanes.
+        let prepared: Vec<(usize, usize, Vec<i32>)> = self
+            .coef
+            .iter()
+            .map(|(xmin, k)| {
+                let bytes = 3 * k.len();
+                let mut w = vec![0i32; bytes.div_ceil(48) * 48];
+                for (t, &kv) in k.iter().enumerate() {
+                    w[3 * t..3 * t + 3].fill(kv);
+                }
+                (3 * (xmin - self.offset), bytes, w)
+            })
+            .collect();
+        let mut masks = [[0u16; 3]; 3];
+        for (a, m) in masks.iter_mut().enumerate() {
+            for j in 0..16 {
+                m[(16 * a + j) % 3] |= 1 << j;
+            }
+        }
+        let mut out = vec![0u8; rows * n * 3];
+        for r in 0..rows {
+            let line = self.src[r * width * 3..(r + 1) * width * 3].as_ptr();
+            let o = &mut out[r * n * 3..(r + 1) * n * 3];
+            for (xx, (start, bytes, w)) in prepared.iter().enumerate() {
+                let mut acc = [_mm512_setzero_si512(); 3];
+                let src = line.add(*start);
+                let wp = w.as_ptr();
+                let mut g = 0;
+                while g < w.len() {
+                    for (a, acc) in acc.iter_mut().enumerate() {
+                        let at = g + 16 * a;
+                        // Only the window's bytes are read (masked past its end).
+                        let valid = bytes.saturating_sub(at).min(16);
+                        let m = if valid >= 16 {
+                            0xFFFF
+                        } else {
+                            (1u16 << valid) - 1
+                        };
+                        let v =
+                            _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, src.add(at) as *const i8));
+                        let k = _mm512_loadu_si512(wp.add(at) as *const _);
+                        *acc = _mm512_add_epi32(*acc, _mm512_mullo_epi32(v, k));
+                    }
+                    g += 48;
+                }
+                for ch in 0..3 {
+                    let sum = _mm512_mask_reduce_add_epi32(masks[0][ch], acc[0])
+                        .wrapping_add(_mm512_mask_reduce_add_epi32(masks[1][ch], acc[1]))
+                        .wrapping_add(_mm512_mask_reduce_add_epi32(masks[2][ch], acc[2]));
+                    o[xx * 3 + ch] = clip8(half.wrapping_add(sum));
+                }
+            }
+        }
+        out
+    }
+
     /// Vertical: rows of `width` pixels -> `coef.len()` rows of `width`.
     fn vertical(&self, width: usize) -> Vec<u8> {
         let stride = width * self.c;
@@ -276,6 +358,15 @@ impl Pass<'_> {
         }
         out
     }
+}
+
+/// Whether the AVX-512 horizontal pass runs here.
+#[cfg(target_arch = "x86_64")]
+fn rgb_avx512_available() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::env::var_os("CAPIVARA_RESIZE_SCALAR").is_none()
 }
 
 /// The input span `[first, last)` a set of coefficients reads.
@@ -403,6 +494,41 @@ fn resize_nearest(
 
 #[cfg(test)]
 mod tests {
+    /// The AVX-512 RGB pass and the portable one give the same bytes, on
+    /// windows of every length and offset a downscale produces.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx512_horizontal_pass_equals_the_portable_one() {
+        if !super::rgb_avx512_available() {
+            return;
+        }
+        let mut s = 0x9E37_79B9u64;
+        for &(w, rows, out) in &[
+            (517usize, 3usize, 224usize),
+            (4000, 2, 298),
+            (90, 4, 7),
+            (33, 1, 32),
+        ] {
+            let src: Vec<u8> = (0..w * rows * 3)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    (s >> 24) as u8
+                })
+                .collect();
+            let coef = super::coefficients(w, out, 0, out);
+            let pass = super::Pass {
+                src: &src,
+                c: 3,
+                coef: &coef,
+                offset: 0,
+            };
+            let fast = unsafe { pass.horizontal_rgb_avx512(rows, w) };
+            assert_eq!(fast, pass.horizontal_planes(rows, w), "{w} -> {out}");
+        }
+    }
+
     use super::*;
 
     #[test]
