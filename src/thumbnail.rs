@@ -18,6 +18,31 @@ pub fn pixels_and_thumbnail(
     Ok((pre.pixels(&img), encode(&img, max_side)?))
 }
 
+/// The mean of each `s x s` block of an RGB image (`w / s x h / s`, the
+/// ragged right and bottom edges dropped), rounded.
+fn box_reduce(rgb: &[u8], w: usize, h: usize, s: usize) -> Vec<u8> {
+    let (ow, oh) = (w / s, h / s);
+    let area = (s * s) as u32;
+    let mut out = vec![0u8; ow * oh * 3];
+    let mut rows = vec![0u32; w * 3];
+    for oy in 0..oh {
+        rows.fill(0);
+        for y in oy * s..(oy + 1) * s {
+            for (acc, &v) in rows.iter_mut().zip(&rgb[y * w * 3..(y + 1) * w * 3]) {
+                *acc += v as u32;
+            }
+        }
+        let dst = &mut out[oy * ow * 3..(oy + 1) * ow * 3];
+        for ox in 0..ow {
+            for c in 0..3 {
+                let sum: u32 = (0..s).map(|i| rows[(ox * s + i) * 3 + c]).sum();
+                dst[ox * 3 + c] = ((sum + area / 2) / area) as u8;
+            }
+        }
+    }
+    out
+}
+
 /// A JPEG (quality 85) of `img` as RGB, shrunk so that its longest side is at
 /// most `max_side`.
 pub fn encode(img: &Decoded, max_side: u32) -> Result<Vec<u8>> {
@@ -40,7 +65,19 @@ pub fn encode(img: &Decoded, max_side: u32) -> Result<Vec<u8>> {
     let small = if (tw, th) == (w, h) {
         image::RgbImage::from_raw(w, h, rgb.to_vec()).expect("same size")
     } else {
-        image::imageops::thumbnail(&full, tw, th)
+        // A large photo is first averaged over s x s blocks (one integer
+        // pass) down to at least twice the thumbnail's size: the area
+        // sampling of `thumbnail` over a whole 12 MP photo cost more than
+        // the model input's resize.
+        let s = (w.max(h) / (2 * max_side.max(1))).max(1);
+        if s >= 2 {
+            let reduced = box_reduce(rgb, w as usize, h as usize, s as usize);
+            let (rw, rh) = (w / s, h / s);
+            let reduced = image::RgbImage::from_raw(rw, rh, reduced).expect("reduced size");
+            image::imageops::thumbnail(&reduced, tw.min(rw), th.min(rh))
+        } else {
+            image::imageops::thumbnail(&full, tw, th)
+        }
     };
     let run = || -> std::io::Result<Vec<u8>> {
         let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
@@ -54,5 +91,40 @@ pub fn encode(img: &Decoded, max_side: u32) -> Result<Vec<u8>> {
         Ok(Ok(jpeg)) => Ok(jpeg),
         Ok(Err(e)) => Err(Error::ImageDecode(format!("thumbnail: {e}"))),
         Err(_) => Err(Error::ImageDecode("thumbnail: JPEG encoder failed".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn box_reduce_averages_blocks_and_drops_ragged_edges() {
+        // 5 x 3 image, s = 2: 2 x 1 output from the top-left 4 x 2 pixels.
+        let rgb: Vec<u8> = (0..5 * 3 * 3).map(|i| (i * 7 % 256) as u8).collect();
+        let out = super::box_reduce(&rgb, 5, 3, 2);
+        assert_eq!(out.len(), 2 * 3);
+        for ox in 0..2 {
+            for c in 0..3 {
+                let px = |x: usize, y: usize| rgb[(y * 5 + x) * 3 + c] as u32;
+                let sum = px(2 * ox, 0) + px(2 * ox + 1, 0) + px(2 * ox, 1) + px(2 * ox + 1, 1);
+                assert_eq!(out[ox * 3 + c] as u32, (sum + 2) / 4);
+            }
+        }
+    }
+
+    /// A 12 MP photo's thumbnail keeps its aspect and longest side.
+    #[test]
+    fn a_large_photo_gives_a_thumbnail_of_the_right_size() {
+        let (w, h) = (4000usize, 3000usize);
+        let data: Vec<u8> = (0..w * h * 3).map(|i| (i % 251) as u8).collect();
+        let img = crate::preprocess::Decoded {
+            width: w,
+            height: h,
+            channels: 3,
+            data,
+            nearest: false,
+        };
+        let jpeg = super::encode(&img, super::SIDE).unwrap();
+        let t = crate::preprocess::decode::decode(&jpeg, u64::MAX).unwrap();
+        assert_eq!((t.width, t.height), (256, 192));
     }
 }

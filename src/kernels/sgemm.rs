@@ -171,7 +171,14 @@ unsafe fn run(
     panels: Range<usize>,
 ) {
     let (k, n, nr, mr) = (w.k, w.n, w.isa.nr(), w.isa.mr());
-    let kc = KC.min(k);
+    // A small A (a short text) fits the row block whole: then each panel is
+    // read once, front to back, which the prefetchers follow best (the
+    // product is bound by streaming W from memory there).
+    let kc = if m * k * 4 <= A_BLOCK_BYTES {
+        k
+    } else {
+        KC.min(k)
+    };
     let mc = ((A_BLOCK_BYTES / (4 * kc)) / mr * mr).max(mr);
     let mut r0 = 0;
     while r0 < m {
