@@ -406,6 +406,15 @@ def run_capivara(binary: Path, *extra) -> dict:
         sys.exit(f"`{' '.join(cmd)}` printed no JSON:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
 
 
+def capivara_bench(a, texts_file: Path, tower: str, batch: int, *settings):
+    """One `capivara bench` row under the script's protocol: (whole report, the row)."""
+    got = run_capivara(a.capivara, "bench", "--model", str(a.model), "--device", a.device, *settings,
+                       "--tower", tower, "--batch", str(batch), "--warmup", str(a.warmup),
+                       "--seconds", str(a.seconds), "--iters", str(a.iters), "--texts", str(texts_file))
+    (row,) = got["rows"]
+    return got, row
+
+
 # ----------------------------------------------------------------------------------------------
 # Agreement: capivara embed vs open_clip
 # ----------------------------------------------------------------------------------------------
@@ -848,11 +857,7 @@ def main():
                 del x
                 time.sleep(PAUSE)
                 # capivara
-                got = run_capivara(a.capivara, "bench", "--model", str(a.model), "--device", a.device,
-                                   "--dtype", d, "--tower", tower, "--batch", str(b), "--warmup", str(a.warmup),
-                                   "--seconds", str(a.seconds), "--iters", str(a.iters),
-                                   "--texts", str(texts_file))
-                (cr,) = got["rows"]
+                got, cr = capivara_bench(a, texts_file, tower, b, "--dtype", d)
                 row["runs"]["capivara"].append(cr["per_second"])
                 row["iters"].setdefault("capivara", []).append(cr["iters"])
                 row["capivara_tokens"] = cr.get("tokens")
@@ -861,12 +866,7 @@ def main():
                     log(f"  WARNING: capivara padded to {cr.get('tokens')} tokens, Python to {row['tokens']}")
                 time.sleep(PAUSE)
                 if a.int8 and d == "f32":
-                    got = run_capivara(a.capivara, "bench", "--model", str(a.model), "--device", a.device,
-                                       "--dtype", "f32", "--quantize", "int8", "--tower", tower,
-                                       "--batch", str(b), "--warmup", str(a.warmup),
-                                       "--seconds", str(a.seconds), "--iters", str(a.iters),
-                                       "--texts", str(texts_file))
-                    (cr,) = got["rows"]
+                    _, cr = capivara_bench(a, texts_file, tower, b, "--dtype", "f32", "--quantize", "int8")
                     row["runs"]["capivara_int8"].append(cr["per_second"])
                     time.sleep(PAUSE)
                 # bf16: PyTorch autocast on the fp32 model vs capivara --dtype bf16
@@ -878,12 +878,7 @@ def main():
                         spb, it = time_loop(fn_b, lambda: None, a.warmup, a.seconds, a.iters)
                     row["runs"]["torch_bf16"].append(b / spb)
                     time.sleep(PAUSE)
-                    got = run_capivara(a.capivara, "bench", "--model", str(a.model), "--device", a.device,
-                                       "--dtype", "bf16", "--tower", tower,
-                                       "--batch", str(b), "--warmup", str(a.warmup),
-                                       "--seconds", str(a.seconds), "--iters", str(a.iters),
-                                       "--texts", str(texts_file))
-                    (cr,) = got["rows"]
+                    _, cr = capivara_bench(a, texts_file, tower, b, "--dtype", "bf16")
                     row["runs"]["capivara_bf16"].append(cr["per_second"])
                     time.sleep(PAUSE)
                 # ONNX Runtime

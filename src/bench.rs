@@ -150,51 +150,38 @@ pub fn kernel_ceilings(size: usize, min_time: Duration) -> Vec<CeilingRow> {
         .map(|i| ((i * 104_729 % 997) as f32 / 498.5) - 1.0)
         .collect();
     let mut c = vec![0f32; size * size];
-    let time = |c: &mut [f32], f: &mut dyn FnMut(&mut [f32])| -> (usize, f64) {
-        f(c); // warm-up
-        let (start, mut best, mut iters) = (Instant::now(), f64::INFINITY, 0);
-        while iters < 3 || start.elapsed() < min_time {
-            let t = Instant::now();
-            f(c);
-            best = best.min(t.elapsed().as_secs_f64());
-            iters += 1;
-        }
-        (iters, 2.0 * (size as f64).powi(3) / best / 1e9)
+    let mut rows = Vec::new();
+    // One kernel: a warm-up, then the best pass, on the kernels' pool.
+    let mut measure = |kernel: &'static str, f: &mut (dyn FnMut(&mut [f32]) + Send)| {
+        let (iters, best) = crate::kernels::pool().install(|| {
+            f(&mut c);
+            let (start, mut best, mut iters) = (Instant::now(), f64::INFINITY, 0);
+            while iters < 3 || start.elapsed() < min_time {
+                let t = Instant::now();
+                f(&mut c);
+                best = best.min(t.elapsed().as_secs_f64());
+                iters += 1;
+            }
+            (iters, best)
+        });
+        rows.push(CeilingRow {
+            kernel,
+            size,
+            iters,
+            gflops: 2.0 * (size as f64).powi(3) / best / 1e9,
+        });
     };
     let epi = sgemm::Epilogue::None;
-    let mut rows = Vec::new();
-    let pool = crate::kernels::pool();
     let f = sgemm::PackedMatrix::pack(&w, size, size, None, isa);
-    let (iters, gflops) =
-        pool.install(|| time(&mut c, &mut |c| sgemm::matmul(&a, size, &f, epi, c)));
-    rows.push(CeilingRow {
-        kernel: "f32",
-        size,
-        iters,
-        gflops,
-    });
+    measure("f32", &mut |c| sgemm::matmul(&a, size, &f, epi, c));
     drop(f);
     if bgemm::available() {
         let b = bgemm::BPackedMatrix::pack(&w, size, size, None);
-        let (iters, gflops) =
-            pool.install(|| time(&mut c, &mut |c| bgemm::matmul(&a, size, &b, epi, c)));
-        rows.push(CeilingRow {
-            kernel: "bf16",
-            size,
-            iters,
-            gflops,
-        });
+        measure("bf16", &mut |c| bgemm::matmul(&a, size, &b, epi, c));
     }
     if qgemm::available() {
         let q = qgemm::QPackedMatrix::pack(&w, size, size, None);
-        let (iters, gflops) =
-            pool.install(|| time(&mut c, &mut |c| qgemm::matmul(&a, size, &q, epi, c)));
-        rows.push(CeilingRow {
-            kernel: "int8",
-            size,
-            iters,
-            gflops,
-        });
+        measure("int8", &mut |c| qgemm::matmul(&a, size, &q, epi, c));
     }
     rows
 }

@@ -383,20 +383,32 @@ fn bench_times_each_tower_and_batch() {
     }
 }
 
+/// `capivara embed` on the reference texts and the first four fixture
+/// images, with `extra` flags and an optional environment variable.
+fn embed_reference_inputs(r: &Reference, extra: &[&str], env: Option<(&str, &str)>) -> Output {
+    let mut cmd = capivara();
+    cmd.args(["embed", "--model"]).arg(tiny_dir());
+    for t in &r.texts {
+        cmd.arg("--text").arg(t);
+    }
+    for i in &r.images[..4] {
+        cmd.arg("--image").arg(fixtures().join("images").join(i));
+    }
+    if let Some((k, v)) = env {
+        cmd.env(k, v);
+    }
+    cmd.args(extra).output().unwrap()
+}
+
+/// The cosine of two L2-normalised embeddings.
+fn cos(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
 #[test]
 fn int8_quantization_stays_close_to_f32_or_is_refused_clearly() {
     let r = reference();
-    let run = |extra: &[&str]| {
-        let mut cmd = capivara();
-        cmd.args(["embed", "--model"]).arg(tiny_dir());
-        for t in &r.texts {
-            cmd.arg("--text").arg(t);
-        }
-        for i in &r.images[..4] {
-            cmd.arg("--image").arg(fixtures().join("images").join(i));
-        }
-        cmd.args(extra).output().unwrap()
-    };
+    let run = |extra: &[&str]| embed_reference_inputs(&r, extra, None);
     let out = run(&["--quantize", "int8"]);
     if !capivara::kernels::qgemm::available() {
         assert_one_line_error(&out, "AVX-512 VNNI");
@@ -404,7 +416,6 @@ fn int8_quantization_stays_close_to_f32_or_is_refused_clearly() {
     }
     let q = json(&out);
     let f = json(&run(&["--quantize", "none"]));
-    let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
     for kind in ["texts", "images"] {
         let (a, b) = (matrix(&f[kind]), matrix(&q[kind]));
         assert_eq!(a.len(), b.len());
@@ -448,21 +459,7 @@ fn int8_quantization_stays_close_to_f32_or_is_refused_clearly() {
 #[test]
 fn bf16_runs_the_bf16_kernels_or_falls_back_to_f32_with_a_warning() {
     let r = reference();
-    let run = |extra: &[&str], env: Option<(&str, &str)>| {
-        let mut cmd = capivara();
-        cmd.args(["embed", "--model"]).arg(tiny_dir());
-        for t in &r.texts {
-            cmd.arg("--text").arg(t);
-        }
-        for i in &r.images[..4] {
-            cmd.arg("--image").arg(fixtures().join("images").join(i));
-        }
-        if let Some((k, v)) = env {
-            cmd.env(k, v);
-        }
-        cmd.args(extra).output().unwrap()
-    };
-    let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    let run = |extra: &[&str], env| embed_reference_inputs(&r, extra, env);
     let f = json(&run(&["--dtype", "f32"], None));
     if capivara::kernels::bgemm::available() {
         let b = json(&run(&["--dtype", "bf16"], None));

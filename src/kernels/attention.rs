@@ -15,6 +15,8 @@
 
 use std::arch::x86_64::*;
 
+use super::OutPtr;
+
 /// The shape of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Heads {
@@ -76,12 +78,6 @@ pub fn attention(qkv: &[f32], shape: Heads, scale: f32, bias: Option<&[f32]>, ou
         (0..tasks).into_par_iter().for_each(task);
     }
 }
-
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint (row, column) ranges through it.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
 
 #[target_feature(enable = "avx512f,fma")]
 unsafe fn one_head(

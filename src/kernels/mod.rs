@@ -113,6 +113,47 @@ fn pool_rows() -> usize {
     })
 }
 
+/// The output matrix of one product, written by several threads.
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtr(pub(crate) *mut f32);
+// SAFETY: the threads of a product (or attention call) write disjoint parts of
+// the output through it.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Below this many multiply-adds a product runs on the calling thread.
+const PARALLEL_MIN: usize = 1 << 20;
+
+/// Bytes of `A` a row block of the GEMMs may take (L2-resident while the
+/// weight panels stream by).
+pub(crate) const A_BLOCK_BYTES: usize = 256 * 1024;
+
+/// Runs `f` over the panel indices `0..panels` of a product of `macs`
+/// multiply-adds: one contiguous range per thread (so that a thread reads
+/// only its share of the weights, which matters most for short inputs), or
+/// the whole range on the calling thread when the product is small. `f`
+/// must write only the output columns of the panels it is given.
+pub(crate) fn over_panels(macs: usize, panels: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    let threads = if macs >= PARALLEL_MIN {
+        rayon::current_num_threads().min(panels).max(1)
+    } else {
+        1
+    };
+    if threads == 1 {
+        return f(0..panels);
+    }
+    let per = panels.div_ceil(threads);
+    let f = &f;
+    rayon::scope(|s| {
+        for t in 0..threads {
+            let range = t * per..((t + 1) * per).min(panels);
+            if !range.is_empty() {
+                s.spawn(move |_| f(range));
+            }
+        }
+    });
+}
+
 /// Store masks of the two 16-lane halves of a 32-column AVX-512 panel that
 /// holds `ncols` (1..=32) valid columns.
 #[cfg(target_arch = "x86_64")]

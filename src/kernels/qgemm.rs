@@ -14,7 +14,7 @@ use std::ops::Range;
 
 use super::gelu::gelu_inplace;
 use super::sgemm::Epilogue;
-use super::Isa;
+use super::{over_panels, Isa, OutPtr, A_BLOCK_BYTES};
 
 const NR: usize = 32;
 const MR: usize = 12;
@@ -214,15 +214,6 @@ unsafe fn quantize_row_avx512(row: &[f32], out: &mut [u8]) -> (f32, i32) {
     (scale, z as i32)
 }
 
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: threads write disjoint column ranges of C through it.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-const PARALLEL_MIN: usize = 1 << 20;
-const A_BLOCK_BYTES: usize = 256 * 1024;
-
 /// `c = dequant(quant(a) quant(w)^T) (+ bias) (GELU)`; `a` `(m, k)`, `c` `(m, n)`.
 /// Panics unless [`available`].
 pub fn matmul(a: &[f32], m: usize, w: &QPackedMatrix, epilogue: Epilogue, c: &mut [f32]) {
@@ -234,27 +225,10 @@ pub fn matmul(a: &[f32], m: usize, w: &QPackedMatrix, epilogue: Epilogue, c: &mu
     }
     let q = quantize_rows(a, m, w.k, w.kp);
     let out = OutPtr(c.as_mut_ptr());
-    let threads = if m * w.n * w.k >= PARALLEL_MIN {
-        rayon::current_num_threads().min(w.panels).max(1)
-    } else {
-        1
-    };
-    if threads == 1 {
-        // SAFETY: `out` covers `c`, exclusively borrowed here.
-        unsafe { run(&q, m, w, epilogue, out, 0..w.panels) };
-        return;
-    }
-    let per = w.panels.div_ceil(threads);
-    let q = &q;
-    rayon::scope(|s| {
-        for t in 0..threads {
-            let range = t * per..((t + 1) * per).min(w.panels);
-            if range.is_empty() {
-                continue;
-            }
-            // SAFETY: each task writes only the columns of its panels.
-            s.spawn(move |_| unsafe { run(q, m, w, epilogue, out, range) });
-        }
+    // SAFETY: `out` covers `c`, exclusively borrowed here; each call writes
+    // only the columns of its panels.
+    over_panels(m * w.n * w.k, w.panels, |range| unsafe {
+        run(&q, m, w, epilogue, out, range)
     });
 }
 

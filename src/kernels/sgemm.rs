@@ -13,7 +13,7 @@
 use std::ops::Range;
 
 use super::gelu::gelu_inplace;
-use super::Isa;
+use super::{over_panels, Isa, OutPtr, A_BLOCK_BYTES};
 
 /// What follows the product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,21 +99,9 @@ impl PackedMatrix {
     }
 }
 
-/// Below this many multiply-adds a product runs on the calling thread.
-const PARALLEL_MIN: usize = 1 << 20;
 /// `k` per pass over a panel: one panel's slice (`KC x nr` floats, 24 KiB
 /// with AVX-512) stays in L1 while every row block streams past it.
 const KC: usize = 192;
-/// Bytes of `A` a row block may take (`mc x KC`, L2-resident while the
-/// panels' slices stream by).
-const A_BLOCK_BYTES: usize = 256 * 1024;
-
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: threads write disjoint column ranges of C through it.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
 /// `c = a w^T (+ bias) (GELU)`; `a`: row-major `(m, k)`, `c`: `(m, n)`.
 pub fn matmul(a: &[f32], m: usize, w: &PackedMatrix, epilogue: Epilogue, c: &mut [f32]) {
     assert_eq!(a.len(), m * w.k, "A is not (m, k)");
@@ -132,28 +120,10 @@ pub fn matmul(a: &[f32], m: usize, w: &PackedMatrix, epilogue: Epilogue, c: &mut
         return;
     }
     let out = OutPtr(c.as_mut_ptr());
-    let threads = if m * w.n * w.k >= PARALLEL_MIN {
-        rayon::current_num_threads().min(w.panels).max(1)
-    } else {
-        1
-    };
-    if threads == 1 {
-        // SAFETY: `out` covers `c`, exclusively borrowed here.
-        unsafe { run(a, m, w, epilogue, out, 0..w.panels) };
-        return;
-    }
-    let per = w.panels.div_ceil(threads);
-    rayon::scope(|s| {
-        for t in 0..threads {
-            let range = t * per..((t + 1) * per).min(w.panels);
-            if range.is_empty() {
-                continue;
-            }
-            s.spawn(move |_| {
-                // SAFETY: each task writes only the columns of its panels.
-                unsafe { run(a, m, w, epilogue, out, range) }
-            });
-        }
+    // SAFETY: `out` covers `c`, exclusively borrowed here; each call writes
+    // only the columns of its panels.
+    over_panels(m * w.n * w.k, w.panels, |range| unsafe {
+        run(a, m, w, epilogue, out, range)
     });
 }
 

@@ -133,20 +133,9 @@ impl Linear {
         if !bgemm::available() {
             candle_core::bail!("bf16 on the CPU needs AVX-512 BF16");
         }
-        if let Some(w) = &self.weight {
-            if !w.device().is_cpu() || w.dtype() != DType::F32 {
-                candle_core::bail!("bf16 kernels need the f32 model on the CPU");
-            }
-        }
-        let data = self.weight_values()?;
-        let bias: Option<Vec<f32>> = match &self.bias {
-            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1()?),
-            None => None,
-        };
-        let b = BPackedMatrix::pack(&data, self.out_dim, self.in_dim, bias.as_deref());
-        self.packed = Some(Packed::Bf16(Arc::new(b)));
-        self.weight = None;
-        Ok(())
+        self.repack("bf16 inference", |w, n, k, b| {
+            Packed::Bf16(Arc::new(BPackedMatrix::pack(w, n, k, b)))
+        })
     }
 
     /// Quantizes the weight to int8 (per output channel) for the int8 CPU
@@ -156,20 +145,36 @@ impl Linear {
         if !qgemm::available() {
             candle_core::bail!("int8 inference needs a CPU with AVX-512 VNNI");
         }
+        self.repack("int8 inference", |w, n, k, b| {
+            Packed::Int8(Arc::new(QPackedMatrix::pack(w, n, k, b)))
+        })
+    }
+
+    /// Replaces the weight (plain f32 on the CPU, or already packed) by
+    /// `pack(weight, out, in, bias)`; `what` names the kernels in the error.
+    fn repack(
+        &mut self,
+        what: &str,
+        pack: impl FnOnce(&[f32], usize, usize, Option<&[f32]>) -> Packed,
+    ) -> Result<()> {
         if let Some(w) = &self.weight {
             if !w.device().is_cpu() || w.dtype() != DType::F32 {
-                candle_core::bail!("int8 inference needs the f32 model on the CPU");
+                candle_core::bail!("{what} needs the f32 model on the CPU");
             }
         }
         let data = self.weight_values()?;
-        let bias: Option<Vec<f32>> = match &self.bias {
-            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1()?),
-            None => None,
-        };
-        let q = QPackedMatrix::pack(&data, self.out_dim, self.in_dim, bias.as_deref());
-        self.packed = Some(Packed::Int8(Arc::new(q)));
+        let bias = self.bias_values()?;
+        self.packed = Some(pack(&data, self.out_dim, self.in_dim, bias.as_deref()));
         self.weight = None;
         Ok(())
+    }
+
+    /// The bias as f32 values, if any.
+    fn bias_values(&self) -> Result<Option<Vec<f32>>> {
+        self.bias
+            .as_ref()
+            .map(|b| b.to_dtype(DType::F32)?.to_vec1())
+            .transpose()
     }
 
     /// Packs an f32 CPU weight for the CPU kernels when this CPU has them
@@ -183,10 +188,7 @@ impl Linear {
             return Ok(());
         }
         let data: Vec<f32> = w.flatten_all()?.to_vec1()?;
-        let bias: Option<Vec<f32>> = match &self.bias {
-            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1()?),
-            None => None,
-        };
+        let bias = self.bias_values()?;
         let packed = PackedMatrix::pack(&data, self.out_dim, self.in_dim, bias.as_deref(), isa);
         self.packed = Some(Packed::F32(Arc::new(packed)));
         self.weight = None;
