@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -160,6 +160,11 @@ fn kill9_in_a_loop_during_concurrent_ingest(store: Store) {
     let deleted: Arc<Mutex<HashSet<String>>> = Arc::default();
     // Ids whose delete was sent but not acknowledged: either state is right.
     let uncertain: Arc<Mutex<HashSet<String>>> = Arc::default();
+    // Images sent, acknowledged or not: one cut by the kill may still have
+    // been committed, so the index can hold more live images than `acked`.
+    let sent_images: Arc<AtomicUsize> = Arc::default();
+    // The picture of each acknowledged id (its seed), to search by example.
+    let seeds: Arc<Mutex<std::collections::HashMap<String, u32>>> = Arc::default();
     let mut seed = 1000u32;
     let mut writes = 0usize;
     for round in 0..=kills {
@@ -187,10 +192,13 @@ fn kill9_in_a_loop_during_concurrent_ingest(store: Store) {
                 .rev()
                 .find(|id| !deleted.contains(*id) && !uncertain.contains(*id))
             {
-                let n = acked.len().min(1000);
+                // Searched by its own picture, k covering every image that
+                // can be live (acknowledged or cut by a kill but committed).
+                let n = sent_images.load(Ordering::SeqCst).min(1000);
+                let s = seeds.lock().unwrap()[last];
                 let r = server
                     .http
-                    .post_json("/search", &json!({"query": "uma imagem", "k": n}));
+                    .post_json("/search", &json!({"image": b64(&test_png(s)), "k": n}));
                 assert_eq!(r.status, 200, "{}", r.text);
                 let found = r.json()["results"]
                     .as_array()
@@ -210,6 +218,7 @@ fn kill9_in_a_loop_during_concurrent_ingest(store: Store) {
                 let http = Http::new(server.http.base.trim_start_matches("http://").parse().unwrap());
                 let (acked, deleted, uncertain, stop) =
                     (acked.clone(), deleted.clone(), uncertain.clone(), stop.clone());
+                let (sent_images, seeds) = (sent_images.clone(), seeds.clone());
                 let first_seed = seed + w * 100;
                 std::thread::spawn(move || {
                     let mut n = 0u32;
@@ -253,8 +262,10 @@ fn kill9_in_a_loop_during_concurrent_ingest(store: Store) {
                             .iter()
                             .map(|(id, s)| json!({"image": b64(&test_png(*s)), "id": id, "metadata": {"s": s}}))
                             .collect();
+                        sent_images.fetch_add(batch.len(), Ordering::SeqCst);
                         match http.try_post_json("/images", &json!({"images": images})) {
                             Some(r) if r.status == 200 => {
+                                seeds.lock().unwrap().extend(batch.iter().cloned());
                                 acked.lock().unwrap().extend(batch.into_iter().map(|(id, _)| id));
                             }
                             Some(r) => panic!("ingest: {} {}", r.status, r.text),
