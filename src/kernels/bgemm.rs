@@ -8,6 +8,7 @@
 //! twice an f32 FMA, from operands half the size. Same blocking, threading
 //! and epilogue as [`super::sgemm`].
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use super::gelu::gelu_inplace;
@@ -166,6 +167,18 @@ unsafe fn convert_row_avx512(row: &[f32], out: &mut [u16]) {
 /// `c = bf16(a) bf16(w)^T (+ bias) (GELU)` accumulated in f32; `a` `(m, k)`,
 /// `c` `(m, n)`. Panics unless [`available`].
 pub fn matmul(a: &[f32], m: usize, w: &BPackedMatrix, epilogue: Epilogue, c: &mut [f32]) {
+    matmul_uninit(a, m, w, epilogue, super::as_uninit(c))
+}
+
+/// [`matmul`] into a buffer not yet written: every element of `c` is
+/// written (never read first), so it needs no zeroing.
+pub fn matmul_uninit(
+    a: &[f32],
+    m: usize,
+    w: &BPackedMatrix,
+    epilogue: Epilogue,
+    c: &mut [MaybeUninit<f32>],
+) {
     assert!(available(), "bf16 kernels need AVX-512 BF16");
     assert_eq!(a.len(), m * w.k, "A is not (m, k)");
     assert_eq!(c.len(), m * w.n, "C is not (m, n)");
@@ -173,7 +186,7 @@ pub fn matmul(a: &[f32], m: usize, w: &BPackedMatrix, epilogue: Epilogue, c: &mu
         return;
     }
     let ab = convert_rows(a, m, w.k, w.kp);
-    let out = OutPtr(c.as_mut_ptr());
+    let out = OutPtr(c.as_mut_ptr().cast());
     // SAFETY: `out` covers `c`, exclusively borrowed here; each call writes
     // only the columns of its panels.
     over_panels(m * w.n * w.k, w.panels, |range| unsafe {

@@ -10,6 +10,7 @@
 //! instruction, 4x an f32 FMA), the column sums are precomputed, and the
 //! scales, the zero-point correction, the bias and GELU are one epilogue.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use super::gelu::gelu_inplace;
@@ -217,6 +218,18 @@ unsafe fn quantize_row_avx512(row: &[f32], out: &mut [u8]) -> (f32, i32) {
 /// `c = dequant(quant(a) quant(w)^T) (+ bias) (GELU)`; `a` `(m, k)`, `c` `(m, n)`.
 /// Panics unless [`available`].
 pub fn matmul(a: &[f32], m: usize, w: &QPackedMatrix, epilogue: Epilogue, c: &mut [f32]) {
+    matmul_uninit(a, m, w, epilogue, super::as_uninit(c))
+}
+
+/// [`matmul`] into a buffer not yet written: every element of `c` is
+/// written (never read first), so it needs no zeroing.
+pub fn matmul_uninit(
+    a: &[f32],
+    m: usize,
+    w: &QPackedMatrix,
+    epilogue: Epilogue,
+    c: &mut [MaybeUninit<f32>],
+) {
     assert!(available(), "int8 kernels need AVX-512 VNNI");
     assert_eq!(a.len(), m * w.k, "A is not (m, k)");
     assert_eq!(c.len(), m * w.n, "C is not (m, n)");
@@ -224,7 +237,7 @@ pub fn matmul(a: &[f32], m: usize, w: &QPackedMatrix, epilogue: Epilogue, c: &mu
         return;
     }
     let q = quantize_rows(a, m, w.k, w.kp);
-    let out = OutPtr(c.as_mut_ptr());
+    let out = OutPtr(c.as_mut_ptr().cast());
     // SAFETY: `out` covers `c`, exclusively borrowed here; each call writes
     // only the columns of its panels.
     over_panels(m * w.n * w.k, w.panels, |range| unsafe {

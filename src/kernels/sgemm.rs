@@ -10,6 +10,7 @@
 //! slice fits L2, each thread owning a contiguous range of panels (so a
 //! thread reads only its share of `W`, which matters most for small `m`).
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use super::gelu::gelu_inplace;
@@ -104,6 +105,18 @@ impl PackedMatrix {
 const KC: usize = 192;
 /// `c = a w^T (+ bias) (GELU)`; `a`: row-major `(m, k)`, `c`: `(m, n)`.
 pub fn matmul(a: &[f32], m: usize, w: &PackedMatrix, epilogue: Epilogue, c: &mut [f32]) {
+    matmul_uninit(a, m, w, epilogue, super::as_uninit(c))
+}
+
+/// [`matmul`] into a buffer not yet written: every element of `c` is
+/// written (never read first), so it needs no zeroing.
+pub fn matmul_uninit(
+    a: &[f32],
+    m: usize,
+    w: &PackedMatrix,
+    epilogue: Epilogue,
+    c: &mut [MaybeUninit<f32>],
+) {
     assert_eq!(a.len(), m * w.k, "A is not (m, k)");
     assert_eq!(c.len(), m * w.n, "C is not (m, n)");
     if m == 0 || w.n == 0 {
@@ -111,6 +124,7 @@ pub fn matmul(a: &[f32], m: usize, w: &PackedMatrix, epilogue: Epilogue, c: &mut
     }
     if w.k == 0 {
         // An empty sum: the bias alone.
+        let c = super::init_with(c, 0.0);
         for row in c.chunks_mut(w.n) {
             row.copy_from_slice(&w.bias[..w.n]);
             if epilogue == Epilogue::Gelu {
@@ -119,7 +133,7 @@ pub fn matmul(a: &[f32], m: usize, w: &PackedMatrix, epilogue: Epilogue, c: &mut
         }
         return;
     }
-    let out = OutPtr(c.as_mut_ptr());
+    let out = OutPtr(c.as_mut_ptr().cast());
     // SAFETY: `out` covers `c`, exclusively borrowed here; each call writes
     // only the columns of its panels.
     over_panels(m * w.n * w.k, w.panels, |range| unsafe {

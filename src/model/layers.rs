@@ -254,13 +254,13 @@ impl candle_core::CustomOp1 for PackedOp {
         if k != wk {
             candle_core::bail!("packed linear: {k} input features, the weight has {wk}");
         }
-        let mut out = vec![0f32; m * n];
         let a = &data[start..end];
-        match &self.w {
-            Packed::F32(p) => sgemm::matmul(a, m, p, self.epilogue, &mut out),
-            Packed::Int8(q) => qgemm::matmul(a, m, q, self.epilogue, &mut out),
-            Packed::Bf16(b) => bgemm::matmul(a, m, b, self.epilogue, &mut out),
-        }
+        // The GEMMs write every element of their output.
+        let out = crate::kernels::written_by(m * n, |out| match &self.w {
+            Packed::F32(p) => sgemm::matmul_uninit(a, m, p, self.epilogue, out),
+            Packed::Int8(q) => qgemm::matmul_uninit(a, m, q, self.epilogue, out),
+            Packed::Bf16(b) => bgemm::matmul_uninit(a, m, b, self.epilogue, out),
+        });
         Ok((candle_core::CpuStorage::F32(out), Shape::from((m, n))))
     }
 }
