@@ -40,9 +40,21 @@ pub fn parse_device(spec: &str) -> Result<candle_core::Device> {
                 None => 0,
             };
             candle_core::Device::new_cuda(n).map_err(|e| {
-                bad(format!(
-                    "device `{s}` is not available ({e}); CUDA needs a build with `--features cuda`"
-                ))
+                // The error without the backtrace candle attaches to it.
+                let e = match e {
+                    candle_core::Error::WithBacktrace { inner, .. } => *inner,
+                    e => e,
+                };
+                bad(if cfg!(feature = "cuda") {
+                    format!(
+                        "device `{s}` is not available ({e}): no NVIDIA GPU {n} here, or no \
+                         driver (libcuda) recent enough for this build's CUDA"
+                    )
+                } else {
+                    format!(
+                        "device `{s}` is not available ({e}); CUDA needs a build with `--features cuda`"
+                    )
+                })
             })
         }
         s => Err(bad(format!("unknown device `{s}` (cpu, cuda, cuda:N)"))),
