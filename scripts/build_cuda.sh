@@ -39,6 +39,7 @@ mkdir -p "$LINK"
 for lib in cublas cublasLt curand nvrtc cudart; do
     ln -sf "$(ls "$CU"/lib/lib$lib.so.* | head -1)" "$LINK/lib$lib.so"
 done
+cargo fetch -q  # cudarc (the stub's source) is only downloaded for --features cuda
 CUDARC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | tail -1)
 grep -o 'pub unsafe fn cu[A-Za-z0-9_]*' "$CUDARC/src/driver/sys/mod.rs" | awk '{print $4}' | sort -u |
     sed 's/.*/int &(void) { return 999; }/' >"$LINK/cuda_stub.c"
