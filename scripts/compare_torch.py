@@ -1014,6 +1014,10 @@ def main():
     q = agree.get("capivara_bf16")
     if q and min(q["text_min_cos"], q["image_min_cos"]) < 0.999:
         sys.exit("capivara --dtype bf16 is below cosine 0.999 to open_clip fp32: its figures do not count")
+    low = [d for d, r in agree["capivara"].items()
+           if d != "f32" and min(r["text_min_cos"], r["image_min_cos"]) < 0.999]
+    if low:
+        sys.exit(f"capivara {', '.join(low)} below cosine 0.999 to open_clip fp32: those figures do not count")
     q = agree.get("capivara_int8")
     if q and min(q["text_min_cos"], q["image_min_cos"]) < 0.99:
         sys.exit("capivara --quantize int8 is below cosine 0.99 to open_clip fp32: its figures do not count")
