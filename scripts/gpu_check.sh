@@ -38,9 +38,9 @@ if [ "${1:-}" = "--prepare" ]; then
     # libraries are present: PyTorch's cu130 wheels bring them) and the
     # pure-Python wheels compare_torch.py needs beyond the GPU image's
     # packages (open_clip and ftfy with its wcwidth).
-    if [ ! -x target-cuda/bin/capivara ] || [ ! -x target-cuda/bin/capivara-train ]; then
-        scripts/build_cuda.sh target-cuda/bin
-    fi
+    # Always through cargo (incremental: quick when nothing changed), so
+    # that the bundle is this checkout's code.
+    scripts/build_cuda.sh target-cuda/bin
     rm -rf "$BUNDLE" && mkdir -p "$BUNDLE/wheels"
     for b in capivara capivara-train; do
         gzip -9 -c "target-cuda/bin/$b" >"$BUNDLE/$b.gz"
@@ -50,7 +50,6 @@ if [ "${1:-}" = "--prepare" ]; then
         "$(grep -E '^ftfy==' scripts/requirements.txt)" wcwidth==0.2.14
     (cd "$BUNDLE" && git -C "$REPO" rev-parse HEAD >commit && sha256sum capivara.gz capivara-train.gz >SHA256SUMS)
     du -sh "$BUNDLE"
-    grep -qxF '/.gpu-bundle/' .git/info/exclude 2>/dev/null || echo '/.gpu-bundle/' >>.git/info/exclude
     echo "ready: carry .gpu-bundle and run scripts/gpu_check.sh on the GPU machine"
     exit 0
 fi
