@@ -73,8 +73,8 @@ def make_photos(folder: Path, n: int, w: int = 4000, h: int = 3000, distinct: in
 
 
 class Photos:
-    def __init__(self, paths, preprocess):
-        self.paths, self.preprocess = paths, preprocess
+    def __init__(self, paths, preprocess, draft=None):
+        self.paths, self.preprocess, self.draft = paths, preprocess, draft
 
     def __len__(self):
         return len(self.paths)
@@ -83,13 +83,16 @@ class Photos:
         from PIL import Image
 
         with Image.open(self.paths[i]) as im:
+            if self.draft:
+                # What `capivara --jpeg-draft` does: libjpeg's scaled decode.
+                im.draft("RGB", (self.draft, self.draft))
             return self.preprocess(im.convert("RGB"))
 
 
-def python_run(model, preprocess, paths, batch: int, workers: int):
+def python_run(model, preprocess, paths, batch: int, workers: int, draft=None):
     import torch
 
-    loader = torch.utils.data.DataLoader(Photos(paths, preprocess), batch_size=batch, num_workers=workers)
+    loader = torch.utils.data.DataLoader(Photos(paths, preprocess, draft), batch_size=batch, num_workers=workers)
     out = []
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -119,6 +122,9 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--quantize", default="none", help="capivara --quantize (none, int8)")
     ap.add_argument("--dtype", default="f32", help="capivara --dtype (f32, bf16)")
+    ap.add_argument("--jpeg-draft", action="store_true",
+                    help="capivara --jpeg-draft, and a third pipeline: Python with "
+                         "im.draft('RGB', (2S, 2S)) before open_clip's transform")
     a = ap.parse_args()
 
     import torch
@@ -135,36 +141,63 @@ def main():
 
     # Agreement on the first batch (capivara embed vs open_clip).
     first = paths[: min(4, len(paths))]
+    size = preprocess.transforms[0].size
+    size = size if isinstance(size, int) else size[0]
+    draft = 2 * size if a.jpeg_draft else None
     args = [str(a.capivara), "embed", "--model", str(a.model), "--dtype", a.dtype, "--quantize", a.quantize]
+    if a.jpeg_draft:
+        args.append("--jpeg-draft")
     for p in first:
         args += ["--image", str(p)]
     got = np.asarray(json.loads(subprocess.run(args, capture_output=True, text=True, check=True).stdout)["images"])
-    _, want = python_run(model, preprocess, first, a.batch, 0)
+    # With --jpeg-draft, against open_clip on the drafted decode (the same pixels).
+    _, want = python_run(model, preprocess, first, a.batch, 0, draft)
     cos = (got * want).sum(1)
     floor = 0.9999 if (a.quantize == "none" and a.dtype == "f32") else 0.99
     print(f"== agreement on {len(first)} photos: min cosine {cos.min():.6f} (need >= {floor})", file=sys.stderr)
     if cos.min() < floor:
         sys.exit("capivara and open_clip disagree on these photos")
 
+    if a.jpeg_draft:
+        _, plain = python_run(model, preprocess, first, a.batch, 0)
+        cos_plain = (got * plain).sum(1)
+        print(f"== --jpeg-draft vs open_clip's plain transform on {len(first)} photos: min cosine "
+              f"{cos_plain.min():.6f}", file=sys.stderr)
+
     extra = ["--dtype", a.dtype, "--quantize", a.quantize, "--batch-size", str(a.batch)]
+    if a.jpeg_draft:
+        extra.append("--jpeg-draft")
     res = {"python": [], "capivara": []}
+    if a.jpeg_draft:
+        res["python_draft"] = []
     for r in range(a.runs):
         py, _ = python_run(model, preprocess, paths, a.batch, a.workers)
         res["python"].append(py)
         print(f"  [{r + 1}/{a.runs}] python {py:.2f} images/s", file=sys.stderr, flush=True)
         time.sleep(1)
+        if a.jpeg_draft:
+            py, _ = python_run(model, preprocess, paths, a.batch, a.workers, draft)
+            res["python_draft"].append(py)
+            print(f"  [{r + 1}/{a.runs}] python with im.draft {py:.2f} images/s", file=sys.stderr, flush=True)
+            time.sleep(1)
         cap = capivara_run(a.capivara, a.model, folder, extra)
         res["capivara"].append(cap["images_per_second"])
         print(f"  [{r + 1}/{a.runs}] capivara {cap['images_per_second']:.2f} images/s "
               f"({cap['indexed']} indexed, {cap['skipped']} skipped)", file=sys.stderr, flush=True)
         time.sleep(1)
     med = {k: statistics.median(v) for k, v in res.items()}
-    print(json.dumps({
+    out = {
         "images": len(paths), "megabytes": round(mb, 1), "cores": cores, "batch": a.batch,
         "python_workers": a.workers, "capivara_dtype": a.dtype, "capivara_quantize": a.quantize,
+        "capivara_jpeg_draft": a.jpeg_draft,
         "python_images_per_second": med["python"], "capivara_images_per_second": med["capivara"],
-        "ratio": med["capivara"] / med["python"], "runs": res,
-    }))
+        "ratio": med["capivara"] / med["python"], "agreement_min_cosine": float(cos.min()), "runs": res,
+    }
+    if a.jpeg_draft:
+        out["python_draft_images_per_second"] = med["python_draft"]
+        out["ratio_to_python_draft"] = med["capivara"] / med["python_draft"]
+        out["draft_vs_plain_min_cosine"] = float(cos_plain.min())
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -149,6 +149,13 @@ struct ModelArgs {
     /// of the setting it was built with.
     #[arg(long, env = "CAPIVARA_QUANTIZE", default_value = "none")]
     quantize: String,
+    /// Decode large JPEGs at 1/2, 1/4 or 1/8 scale inside libjpeg before
+    /// the resize, as Pillow does after `im.draft("RGB", (2*S, 2*S))` (S the
+    /// model's input size): ~2x faster indexing of phone photos; embeddings
+    /// match open_clip on so drafted images (within cosine ~0.99 of the
+    /// plain transform's), no longer the plain transform's bit for bit.
+    #[arg(long, env = "CAPIVARA_JPEG_DRAFT")]
+    jpeg_draft: bool,
 }
 
 /// What the model flags say, checked.
@@ -160,6 +167,7 @@ struct ModelChoice {
     device: candle_core::Device,
     dtype: candle_core::DType,
     quantization: capivara::model::Quantization,
+    jpeg_draft: bool,
 }
 
 impl ModelArgs {
@@ -178,6 +186,7 @@ impl ModelArgs {
             device: capivara::parse_device(&self.device)?,
             dtype: capivara::parse_dtype(&self.dtype)?,
             quantization: self.quantize.parse()?,
+            jpeg_draft: self.jpeg_draft,
         })
     }
 }
@@ -195,12 +204,12 @@ impl ModelChoice {
 
     fn load(&self) -> anyhow::Result<Pipeline> {
         let model = self.single()?;
-        Ok(Pipeline::load_with(
-            model,
-            &self.device,
-            self.dtype,
-            self.quantization,
-        )?)
+        let mut pipeline = Pipeline::load_with(model, &self.device, self.dtype, self.quantization)?;
+        pipeline.preprocessor = pipeline
+            .preprocessor
+            .clone()
+            .with_jpeg_draft(self.jpeg_draft);
+        Ok(pipeline)
     }
 }
 
@@ -712,6 +721,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     cfg.device = choice.device;
     cfg.dtype = choice.dtype;
     cfg.quantization = choice.quantization;
+    cfg.jpeg_draft = choice.jpeg_draft;
     if args.max_batch_size == 0 || args.queue_capacity == 0 || args.max_batch_tokens == 0 {
         anyhow::bail!(
             "--max-batch-size, --max-batch-tokens and --queue-capacity must be at least 1"

@@ -550,3 +550,72 @@ fn quantization_flag_errors() {
         assert_one_line_error(&out, needle);
     }
 }
+
+/// `--jpeg-draft` reaches the preprocessor: a large JPEG embeds as the PNG
+/// of its drafted decode does (bit for bit), and differently from the plain
+/// decode; a PNG is unaffected.
+#[test]
+fn jpeg_draft_flag_embeds_the_drafted_decode() {
+    use capivara::model::config::{PreprocessConfig, OPENAI_MEAN, OPENAI_STD};
+    let dir = tempfile::tempdir().unwrap();
+    let (w, h) = (1000usize, 950usize);
+    let rgb: Vec<u8> = (0..w * h)
+        .flat_map(|i| {
+            let (x, y) = (i % w, i / w);
+            [
+                (x * 255 / w) as u8,
+                (y * 255 / h) as u8,
+                ((x ^ y) % 251) as u8,
+            ]
+        })
+        .collect();
+    let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+    c.set_size(w, h);
+    c.set_quality(90.0);
+    let mut s = c.start_compress(Vec::new()).unwrap();
+    s.write_scanlines(&rgb).unwrap();
+    let jpeg_bytes = s.finish().unwrap();
+    let jpeg = dir.path().join("big.jpg");
+    std::fs::write(&jpeg, &jpeg_bytes).unwrap();
+    // The drafted decode (half size here: 1000 / 448 = 2), kept losslessly.
+    let drafted = capivara::preprocess::Preprocessor::new(&PreprocessConfig {
+        image_size: 224,
+        mean: OPENAI_MEAN,
+        std: OPENAI_STD,
+    })
+    .with_jpeg_draft(true)
+    .decode(&jpeg_bytes)
+    .unwrap();
+    assert_eq!((drafted.width, drafted.height), (500, 475));
+    let png = dir.path().join("drafted.png");
+    image::RgbImage::from_raw(500, 475, drafted.to_rgb())
+        .unwrap()
+        .save(&png)
+        .unwrap();
+    let embed = |path: &Path, draft: bool| {
+        let mut cmd = capivara();
+        cmd.args(["embed", "--model"])
+            .arg(tiny_dir())
+            .arg("--image")
+            .arg(path);
+        if draft {
+            cmd.arg("--jpeg-draft");
+        }
+        matrix(&json(&cmd.output().unwrap())["images"])
+    };
+    let with_draft = embed(&jpeg, true);
+    assert_eq!(
+        with_draft,
+        embed(&png, false),
+        "the drafted decode, embedded"
+    );
+    assert_eq!(
+        embed(&png, true),
+        embed(&png, false),
+        "PNGs are not drafted"
+    );
+    assert!(
+        max_abs_diff(&with_draft, &embed(&jpeg, false)) > 0.0,
+        "the plain decode is not the drafted one"
+    );
+}

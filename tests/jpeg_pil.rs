@@ -186,3 +186,113 @@ fn jpeg_decoding_and_the_model_input_equal_pillows() {
     // Every image at least 224 on its shorter side was compared at 224 too.
     assert!(compared_224 >= 50, "only {compared_224} compared at 224");
 }
+
+const PIL_DRAFT: &str = r#"
+import sys
+from PIL import Image
+for path in sys.argv[1:]:
+    im = Image.open(path)
+    # What `--jpeg-draft` promises: Pillow's draft for twice the input size.
+    im.draft("RGB", (448, 448))
+    rgb = im.convert("RGB")
+    open(path + ".rgb", "wb").write(rgb.tobytes())
+    w, h = rgb.size
+    short, long = min(w, h), max(w, h)
+    new_short, new_long = 224, int(224 * long / short)
+    size = (new_short, new_long) if w <= h else (new_long, new_short)
+    r = rgb.resize(size, Image.BICUBIC)
+    left = int(round((r.size[0] - 224) / 2.0))
+    top = int(round((r.size[1] - 224) / 2.0))
+    r = r.crop((left, top, left + 224, top + 224))
+    open(path + ".224", "wb").write(r.tobytes())
+"#;
+
+/// `--jpeg-draft`: the decode at 1/2, 1/4 and 1/8 scale and the model input
+/// equal Pillow's after `im.draft("RGB", (448, 448))`, byte for byte, over
+/// every scale (none below 896 pixels), chroma subsampling, grayscale, and
+/// progressive and baseline files; the draft decodes fewer pixels.
+#[test]
+fn jpeg_draft_equals_pillows_draft() {
+    let Some(python) = common::python_with("PIL") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng(0xd4af7);
+    let mut files = Vec::new();
+    for i in 0..18 {
+        // The short side picks the scale: 1 (< 896), 2, 4 (>= 1792), 8 (>= 3584).
+        let short = [300, 1000, 1900, 3600][i % 4] + rng.below(120) as usize;
+        let long = short + rng.below(900) as usize;
+        let (w, h) = if i % 2 == 0 {
+            (long, short)
+        } else {
+            (short, long)
+        };
+        let kind = i % 6;
+        let quality = [75.0, 90.0][rng.below(2) as usize];
+        let progressive = i % 3 == 0;
+        let rgb = picture(&mut rng, w, h);
+        let path = dir.path().join(format!(
+            "{i:03}-{w}x{h}-k{kind}-q{quality}-p{progressive}.jpg"
+        ));
+        std::fs::write(&path, encode(&rgb, w, h, kind, quality, progressive)).unwrap();
+        files.push((path, w, h));
+    }
+    let out = std::process::Command::new(&python)
+        .args(["-c", PIL_DRAFT])
+        .args(files.iter().map(|f| &f.0))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = Preprocessor::new(&PreprocessConfig {
+        image_size: 224,
+        mean: OPENAI_MEAN,
+        std: OPENAI_STD,
+    })
+    .with_jpeg_draft(true);
+    let mut scales = std::collections::BTreeSet::new();
+    for (path, w, h) in &files {
+        let bytes = std::fs::read(path).unwrap();
+        let name = path.file_name().unwrap().to_string_lossy();
+        let decoded = p.decode(&bytes).unwrap();
+        let scale = w.div_ceil(decoded.width);
+        assert_eq!(
+            (decoded.width, decoded.height),
+            (w.div_ceil(scale), h.div_ceil(scale)),
+            "{name}"
+        );
+        scales.insert(scale);
+        let ours = decoded.to_rgb();
+        let pil = std::fs::read(format!("{}.rgb", path.display())).unwrap();
+        assert_eq!(
+            ours.len(),
+            pil.len(),
+            "{name}: sizes differ from Pillow's draft"
+        );
+        let differing = ours.iter().zip(&pil).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            differing, 0,
+            "{name}: {differing} bytes differ from Pillow's draft"
+        );
+        let pil_224 = std::fs::read(format!("{}.224", path.display())).unwrap();
+        let ours_224 = p.rgb(&bytes).unwrap();
+        let differing = ours_224
+            .iter()
+            .zip(&pil_224)
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(
+            differing, 0,
+            "{name}: {differing} bytes of the drafted 224x224 input differ"
+        );
+    }
+    assert_eq!(
+        scales.into_iter().collect::<Vec<_>>(),
+        [1, 2, 4, 8],
+        "every draft scale was exercised"
+    );
+}

@@ -60,7 +60,12 @@ fn check_size(w: u64, h: u64, max_pixels: u64) -> Result<()> {
 /// JPEG through libjpeg-turbo (as PIL): grayscale stays one channel (PIL's
 /// `L`), YCbCr/RGB becomes RGB, CMYK/YCCK are converted as PIL converts its
 /// (Adobe-inverted) `CMYK` mode. A file cut short is an error, as in PIL.
-fn decode_jpeg(bytes: &[u8], max_pixels: u64) -> Result<Decoded> {
+///
+/// With `draft = Some(t)`, a large JPEG is decoded at 1/2, 1/4 or 1/8 of its
+/// size inside libjpeg's inverse DCT, exactly as Pillow's
+/// `Image.draft("RGB", (t, t))` asks for it: the largest of 8, 4, 2 not above
+/// `min(width / t, height / t)`. The size limit applies to the full size.
+fn decode_jpeg(bytes: &[u8], max_pixels: u64, draft: Option<usize>) -> Result<Decoded> {
     if !jpeg_is_complete(bytes) {
         return Err(Error::ImageDecode(
             "JPEG data is truncated (no end-of-image marker after the scan)".into(),
@@ -68,28 +73,40 @@ fn decode_jpeg(bytes: &[u8], max_pixels: u64) -> Result<Decoded> {
     }
     let run = || -> Result<Decoded> {
         let io = |e: std::io::Error| Error::ImageDecode(e.to_string());
-        let d = mozjpeg::Decompress::new_mem(bytes).map_err(io)?;
+        let mut d = mozjpeg::Decompress::new_mem(bytes).map_err(io)?;
         let (w, h) = d.size();
         check_size(w as u64, h as u64, max_pixels)?;
+        if let Some(t) = draft {
+            let t = t.max(1);
+            let fits = (w / t).min(h / t);
+            if let Some(s) = [8, 4, 2].into_iter().find(|&s| fits >= s) {
+                // numerator / 8: libjpeg picks the same 1/s scaled IDCT as
+                // Pillow's scale_num = 1, scale_denom = s.
+                d.scale((8 / s) as u8);
+            }
+        }
         use mozjpeg::ColorSpace as Cs;
-        let (channels, data) = match d.color_space() {
+        let ((w, h), channels, data) = match d.color_space() {
             Cs::JCS_GRAYSCALE => {
                 let mut s = d.grayscale().map_err(io)?;
+                let size = (s.width(), s.height());
                 let v = s.read_scanlines::<u8>().map_err(io)?;
                 s.finish().map_err(io)?;
-                (1, v)
+                (size, 1, v)
             }
             Cs::JCS_CMYK | Cs::JCS_YCCK => {
                 let mut s = d.to_colorspace(Cs::JCS_CMYK).map_err(io)?;
+                let size = (s.width(), s.height());
                 let v = s.read_scanlines::<u8>().map_err(io)?;
                 s.finish().map_err(io)?;
-                (3, cmyk_inverted_to_rgb(&v))
+                (size, 3, cmyk_inverted_to_rgb(&v))
             }
             _ => {
                 let mut s = d.rgb().map_err(io)?;
+                let size = (s.width(), s.height());
                 let v = s.read_scanlines::<u8>().map_err(io)?;
                 s.finish().map_err(io)?;
-                (3, v)
+                (size, 3, v)
             }
         };
         if data.len() != w * h * channels {
@@ -120,6 +137,12 @@ fn decode_jpeg(bytes: &[u8], max_pixels: u64) -> Result<Decoded> {
 /// Decodes `bytes` (JPEG, PNG, WebP, GIF, BMP) as PIL opens them, refusing
 /// images of more than `max_pixels` pixels before any pixel buffer exists.
 pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<Decoded> {
+    decode_draft(bytes, max_pixels, None)
+}
+
+/// [`decode`], with JPEGs drafted for a `t x t` target when `draft` is
+/// `Some(t)` (see [`Preprocessor::with_jpeg_draft`](super::Preprocessor::with_jpeg_draft)).
+pub fn decode_draft(bytes: &[u8], max_pixels: u64, draft: Option<usize>) -> Result<Decoded> {
     let format = image::guess_format(bytes).map_err(|_| {
         Error::UnsupportedImage("not a JPEG, PNG, WebP, GIF or BMP image".to_string())
     })?;
@@ -136,7 +159,7 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<Decoded> {
         )));
     }
     if format == ImageFormat::Jpeg {
-        return decode_jpeg(bytes, max_pixels);
+        return decode_jpeg(bytes, max_pixels, draft);
     }
     let reader = || ImageReader::with_format(Cursor::new(bytes), format);
     // The header alone: refuse bombs before any pixel buffer exists.

@@ -163,6 +163,8 @@ pub struct ServeConfig {
     pub device: Device,
     pub dtype: DType,
     pub quantization: crate::model::Quantization,
+    /// JPEGs drafted before the resize (`--jpeg-draft`).
+    pub jpeg_draft: bool,
     pub engine: EngineConfig,
     pub limits: Limits,
     pub api_key: Option<String>,
@@ -204,6 +206,7 @@ impl ServeConfig {
             device: Device::Cpu,
             dtype: DType::F32,
             quantization: crate::model::Quantization::None,
+            jpeg_draft: false,
             engine: EngineConfig::default(),
             limits: Limits::default(),
             api_key: None,
@@ -402,12 +405,13 @@ impl AppState {
         tracing::info!(model = %spec.name, source = %spec.source, "loading a model");
         self.set_model_state(&spec.name, "loading");
         self.set_phase(format!("loading model `{}`", spec.name));
-        let (source, device, dtype, quantization, max_pixels) = (
+        let (source, device, dtype, quantization, max_pixels, jpeg_draft) = (
             spec.source.clone(),
             cfg.device.clone(),
             cfg.dtype,
             cfg.quantization,
             cfg.limits.max_pixels,
+            cfg.jpeg_draft,
         );
         let (states, name) = (self.model_states.clone(), spec.name.clone());
         let loaded = tokio::task::spawn_blocking(move || {
@@ -429,7 +433,11 @@ impl AppState {
             set_state(&states, &name, "loading".into());
             let mut pipeline =
                 Pipeline::from_resolved_with(resolved, &device, dtype, quantization)?;
-            pipeline.preprocessor = pipeline.preprocessor.clone().with_max_pixels(max_pixels);
+            pipeline.preprocessor = pipeline
+                .preprocessor
+                .clone()
+                .with_max_pixels(max_pixels)
+                .with_jpeg_draft(jpeg_draft);
             pipeline.warm_up()?;
             let fingerprint = pipeline.fingerprint()?;
             anyhow::Ok((pipeline, fingerprint))
