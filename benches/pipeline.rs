@@ -106,6 +106,11 @@ fn preprocess(c: &mut Criterion) {
     g.bench_function("all/jpeg-baseline-420", |b| {
         b.iter(|| p.preprocess(black_box(&baseline)).expect("decodes"))
     });
+    // `--jpeg-draft`: the same photo decoded at reduced scale (1/4 for 224).
+    let drafted = p.clone().with_jpeg_draft(true);
+    g.bench_function("all/jpeg-baseline-420-draft", |b| {
+        b.iter(|| drafted.preprocess(black_box(&baseline)).expect("decodes"))
+    });
     g.finish();
 }
 

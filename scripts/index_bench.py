@@ -17,12 +17,18 @@ end, files on disk to vectors:
   request of the loader to the last embedding (model load excluded, worker
   start-up included, as a user's script pays it).
 
+With ``--jpeg-draft``, capivara runs with that flag (JPEGs decoded at reduced
+scale inside libjpeg) and a third pipeline joins the alternation: the same
+Python with ``im.draft("RGB", (2S, 2S))`` before open_clip's transform (the
+pixels ``--jpeg-draft`` embeds); both ratios are reported, and the cosine of
+capivara's drafted embeddings to open_clip's plain (full-decode) ones.
+
 Runs alternate (Python, capivara, Python, ...); medians are reported. Both
 embed the same files; their embeddings are checked to agree (cosine >= 0.9999
 per image for f32) on the first batch.
 
     python scripts/index_bench.py --model ~/.cache/capivara-compare/full-size-random \\
-        --capivara target/release/capivara --n 500 --runs 2 [--quantize int8]
+        --capivara target/release/capivara --n 500 --runs 2 [--quantize int8] [--jpeg-draft]
 """
 
 import argparse
