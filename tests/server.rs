@@ -331,6 +331,53 @@ fn embeddings_match_the_model() {
     assert!(max_abs_diff(&got, &want) <= 1e-5);
 }
 
+/// `serve --jpeg-draft`: a large JPEG is embedded from its drafted decode
+/// (as the preprocessor with the draft embeds it), not the full one.
+#[test]
+fn jpeg_draft_serves_the_drafted_decode() {
+    let s = TestServer::start(|c| c.jpeg_draft = true);
+    let (w, h) = (960usize, 900usize);
+    let rgb: Vec<u8> = (0..w * h)
+        .flat_map(|i| {
+            let (x, y) = (i % w, i / w);
+            [
+                (x * 255 / w) as u8,
+                (y * 255 / h) as u8,
+                ((x * y) % 253) as u8,
+            ]
+        })
+        .collect();
+    let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+    c.set_size(w, h);
+    c.set_quality(90.0);
+    let mut started = c.start_compress(Vec::new()).unwrap();
+    started.write_scanlines(&rgb).unwrap();
+    let jpeg = started.finish().unwrap();
+    let r = s
+        .http
+        .post_json("/embed/image", &json!({"images": [b64(&jpeg)]}));
+    assert_eq!(r.status, 200);
+    let got: Vec<Vec<f32>> = r.json()["embeddings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(floats)
+        .collect();
+    let mut p = pipeline();
+    let plain = p
+        .embed_images(std::slice::from_ref(&jpeg))
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    p.preprocessor = p.preprocessor.clone().with_jpeg_draft(true);
+    let drafted = p.embed_images(&[jpeg]).unwrap().to_vec2::<f32>().unwrap();
+    assert!(max_abs_diff(&got, &drafted) <= 1e-5);
+    assert!(
+        max_abs_diff(&got, &plain) > 1e-5,
+        "the full decode would differ"
+    );
+}
+
 #[test]
 fn concurrent_requests_are_batched_and_answers_unchanged() {
     let s = Arc::new(TestServer::start(|c| {
