@@ -11,6 +11,7 @@
 pub mod attention;
 pub mod bgemm;
 pub mod gelu;
+pub mod norm;
 pub mod qgemm;
 pub mod sgemm;
 

@@ -453,6 +453,8 @@ pub struct LayerNorm {
     bias: Tensor,
     eps: f64,
     kernels: Kernels,
+    /// The parameters as f32 values for the CPU kernel, read once.
+    host: std::sync::OnceLock<Arc<(Vec<f32>, Vec<f32>)>>,
 }
 
 impl LayerNorm {
@@ -462,7 +464,96 @@ impl LayerNorm {
             bias: vb.get(dim, "bias")?,
             eps,
             kernels,
+            host: std::sync::OnceLock::new(),
         })
+    }
+
+    /// `LayerNorm(y + x)`, the residual of a post-LN block: one pass per row
+    /// with the CPU kernel ([`crate::kernels::norm`]) in f32 inference,
+    /// else the add and [`Module::forward`].
+    pub fn forward_add(&self, y: &Tensor, x: &Tensor) -> Result<Tensor> {
+        match self.cpu_kernel(&[y, x])? {
+            Some(op) => y.contiguous()?.apply_op2_no_bwd(&x.contiguous()?, &op),
+            None => self.forward(&(y + x)?),
+        }
+    }
+
+    /// The CPU kernel's op for these inputs, where it applies: f32
+    /// inference on a CPU with the kernels, same shapes, no graph.
+    fn cpu_kernel(&self, inputs: &[&Tensor]) -> Result<Option<AddLayerNorm>> {
+        let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op();
+        let isa = crate::kernels::isa();
+        if self.kernels != Kernels::Fused
+            || isa.is_none()
+            || !inputs
+                .iter()
+                .all(|t| cpu_f32(t) && t.dims() == inputs[0].dims())
+            || self.weight.dtype() != DType::F32
+            || self.weight.track_op()
+            || self.bias.track_op()
+        {
+            return Ok(None);
+        }
+        let host = match self.host.get() {
+            Some(h) => h.clone(),
+            None => {
+                let h = Arc::new((self.weight.to_vec1::<f32>()?, self.bias.to_vec1::<f32>()?));
+                self.host.get_or_init(|| h).clone()
+            }
+        };
+        Ok(Some(AddLayerNorm {
+            params: host,
+            eps: self.eps as f32,
+            isa,
+        }))
+    }
+}
+
+/// [`LayerNorm::forward_add`]'s kernel as a candle op (forward only).
+struct AddLayerNorm {
+    params: Arc<(Vec<f32>, Vec<f32>)>,
+    eps: f32,
+    isa: Option<crate::kernels::Isa>,
+}
+
+impl candle_core::CustomOp2 for AddLayerNorm {
+    fn name(&self) -> &'static str {
+        "add-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        let (
+            Some((a0, a1)),
+            Some((b0, b1)),
+            candle_core::CpuStorage::F32(a),
+            candle_core::CpuStorage::F32(b),
+        ) = (l1.contiguous_offsets(), l2.contiguous_offsets(), s1, s2)
+        else {
+            candle_core::bail!("add-layer-norm: the inputs must be contiguous f32");
+        };
+        let (w, c) = (&self.params.0, &self.params.1);
+        if l1.shape() != l2.shape() || l1.shape().dims().last() != Some(&w.len()) {
+            candle_core::bail!(
+                "add-layer-norm: shapes {:?} and {:?}",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let out = crate::kernels::norm::add_layer_norm(
+            &a[a0..a1],
+            Some(&b[b0..b1]),
+            w,
+            c,
+            self.eps,
+            self.isa,
+        );
+        Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
     }
 }
 
@@ -473,8 +564,33 @@ impl LayerNorm {
     }
 }
 
+impl candle_core::CustomOp1 for AddLayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        let (Some((a0, a1)), candle_core::CpuStorage::F32(a)) = (l.contiguous_offsets(), s) else {
+            candle_core::bail!("layer-norm: the input must be contiguous f32");
+        };
+        let (w, c) = (&self.params.0, &self.params.1);
+        if l.shape().dims().last() != Some(&w.len()) {
+            candle_core::bail!("layer-norm: shape {:?}", l.shape());
+        }
+        let out = crate::kernels::norm::add_layer_norm(&a[a0..a1], None, w, c, self.eps, self.isa);
+        Ok((candle_core::CpuStorage::F32(out), l.shape().clone()))
+    }
+}
+
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(op) = self.cpu_kernel(&[x])? {
+            return x.contiguous()?.apply_op1_no_bwd(&op);
+        }
         match self.kernels {
             Kernels::Fused => candle_nn::ops::layer_norm(
                 &x.contiguous()?,

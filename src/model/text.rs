@@ -149,9 +149,9 @@ impl EncoderLayer {
     /// Everything after the attention: output projection, residual, layer
     /// norm, the feed-forward block.
     fn finish(&self, x: &Tensor, ctx: &Tensor) -> Result<Tensor> {
-        let x = self.attn_ln.forward(&(self.attn_out.forward(ctx)? + x)?)?;
+        let x = self.attn_ln.forward_add(&self.attn_out.forward(ctx)?, x)?;
         let y = self.intermediate.forward_gelu(&x)?;
-        self.out_ln.forward(&(self.output.forward(&y)? + x)?)
+        self.out_ln.forward_add(&self.output.forward(&y)?, &x)
     }
 
     /// Builds the fused `query|key|value` linear (inference without
