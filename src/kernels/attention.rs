@@ -277,37 +277,66 @@ unsafe fn weighted<const R: usize>(
     out: *mut f32,
     ldo: usize,
 ) {
-    let (pp, vp) = (p.as_ptr(), v.as_ptr());
     let mut c0 = 0;
     while c0 < hdp {
-        // Up to four zmm of the head's columns at a time.
+        // Up to four zmm of the head's columns at a time, the count a
+        // constant so that the accumulators stay in registers (with a
+        // run-time count they lived on the stack: a load and a store per
+        // multiply-add).
         let cols = ((hdp - c0) / 16).min(4);
-        let mut acc = [[_mm512_setzero_ps(); 4]; R];
-        for j in 0..l {
-            let vr = vp.add(j * hdp + c0);
-            let mut vv = [_mm512_setzero_ps(); 4];
-            for (c, x) in vv.iter_mut().enumerate().take(cols) {
-                *x = _mm512_loadu_ps(vr.add(16 * c));
-            }
-            for r in 0..R {
-                let pv = _mm512_set1_ps(*pp.add(r * lp + j));
-                for c in 0..cols {
-                    acc[r][c] = _mm512_fmadd_ps(pv, vv[c], acc[r][c]);
-                }
-            }
-        }
-        for (r, accr) in acc.iter().enumerate() {
-            for (c, &a) in accr.iter().enumerate().take(cols) {
-                let col = c0 + 16 * c;
-                if col + 16 <= hd {
-                    _mm512_storeu_ps(out.add(r * ldo + col), a);
-                } else if col < hd {
-                    let m = ((1u32 << (hd - col)) - 1) as u16;
-                    _mm512_mask_storeu_ps(out.add(r * ldo + col), m, a);
-                }
-            }
+        let args = (p, lp, l, v, hd, hdp, out, ldo, c0);
+        match cols {
+            4 => weighted_cols::<R, 4>(args),
+            3 => weighted_cols::<R, 3>(args),
+            2 => weighted_cols::<R, 2>(args),
+            _ => weighted_cols::<R, 1>(args),
         }
         c0 += 16 * cols;
+    }
+}
+
+type WeightedArgs<'a> = (
+    &'a [f32],
+    usize,
+    usize,
+    &'a [f32],
+    usize,
+    usize,
+    *mut f32,
+    usize,
+    usize,
+);
+
+/// [`weighted`] for the `C` zmm of columns from `c0`.
+#[inline]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn weighted_cols<const R: usize, const C: usize>(args: WeightedArgs) {
+    let (p, lp, l, v, hd, hdp, out, ldo, c0) = args;
+    let (pp, vp) = (p.as_ptr(), v.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); C]; R];
+    for j in 0..l {
+        let vr = vp.add(j * hdp + c0);
+        let mut vv = [_mm512_setzero_ps(); C];
+        for c in 0..C {
+            vv[c] = _mm512_loadu_ps(vr.add(16 * c));
+        }
+        for r in 0..R {
+            let pv = _mm512_set1_ps(*pp.add(r * lp + j));
+            for c in 0..C {
+                acc[r][c] = _mm512_fmadd_ps(pv, vv[c], acc[r][c]);
+            }
+        }
+    }
+    for r in 0..R {
+        for c in 0..C {
+            let col = c0 + 16 * c;
+            if col + 16 <= hd {
+                _mm512_storeu_ps(out.add(r * ldo + col), acc[r][c]);
+            } else if col < hd {
+                let m = ((1u32 << (hd - col)) - 1) as u16;
+                _mm512_mask_storeu_ps(out.add(r * ldo + col), m, acc[r][c]);
+            }
+        }
     }
 }
 
