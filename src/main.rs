@@ -144,7 +144,7 @@ struct ModelArgs {
     #[arg(long, env = "CAPIVARA_DTYPE", default_value = "f32")]
     dtype: String,
     /// `int8`: int8 weights and activations in the encoders' linear layers
-    /// (CPU with AVX-512 VNNI; ~2.9-3.2x faster, embeddings within cosine
+    /// (CPU with AVX-512 VNNI; ~2.7-3.2x faster, embeddings within cosine
     /// 0.99 of f32), or `none`. An index must be searched with embeddings
     /// of the setting it was built with.
     #[arg(long, env = "CAPIVARA_QUANTIZE", default_value = "none")]
