@@ -92,11 +92,17 @@ fn encode(rgb: &[u8], w: usize, h: usize, kind: usize, quality: f32, progressive
     s.finish().expect("finish")
 }
 
+/// Pillow's decode (`<file>.rgb`) and open_clip's 224-pixel input
+/// (`<file>.224`, for images at least 224 on their shorter side) of each
+/// file; argv[1] is the draft size (`im.draft("RGB", (t, t))`), 0 for none.
 const PIL: &str = r#"
 import sys
 from PIL import Image
-for path in sys.argv[1:]:
+draft = int(sys.argv[1])
+for path in sys.argv[2:]:
     im = Image.open(path)
+    if draft:
+        im.draft("RGB", (draft, draft))
     im.load()
     rgb = im.convert("RGB")
     open(path + ".rgb", "wb").write(rgb.tobytes())
@@ -113,6 +119,37 @@ for path in sys.argv[1:]:
         r = r.crop((left, top, left + 224, top + 224))
         open(path + ".224", "wb").write(r.tobytes())
 "#;
+
+/// Runs [`PIL`] over `files` with draft size `draft` (0: none).
+fn pillow(python: &std::path::Path, draft: usize, files: &[&std::path::Path]) {
+    let out = std::process::Command::new(python)
+        .args(["-c", PIL, &draft.to_string()])
+        .args(files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `ours` equals Pillow's bytes in `<path><suffix>`, byte for byte.
+fn assert_equals_pillows(ours: &[u8], path: &std::path::Path, suffix: &str, what: &str) {
+    let name = path.file_name().unwrap().to_string_lossy();
+    let pil = std::fs::read(format!("{}{suffix}", path.display())).unwrap();
+    assert_eq!(ours.len(), pil.len(), "{name}: sizes of {what} differ");
+    let differing = ours.iter().zip(&pil).filter(|(a, b)| a != b).count();
+    assert_eq!(differing, 0, "{name}: {differing} bytes of {what} differ");
+}
+
+fn preprocessor() -> Preprocessor {
+    Preprocessor::new(&PreprocessConfig {
+        image_size: 224,
+        mean: OPENAI_MEAN,
+        std: OPENAI_STD,
+    })
+}
 
 #[test]
 fn jpeg_decoding_and_the_model_input_equal_pillows() {
@@ -142,70 +179,25 @@ fn jpeg_decoding_and_the_model_input_equal_pillows() {
         std::fs::write(&path, encode(&rgb, w, h, kind, quality, progressive)).unwrap();
         files.push(path);
     }
-    let out = std::process::Command::new(&python)
-        .args(["-c", PIL])
-        .args(&files)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    pillow(
+        &python,
+        0,
+        &files.iter().map(|f| f.as_path()).collect::<Vec<_>>(),
     );
-    let p = Preprocessor::new(&PreprocessConfig {
-        image_size: 224,
-        mean: OPENAI_MEAN,
-        std: OPENAI_STD,
-    });
+    let p = preprocessor();
     let mut compared_224 = 0;
     for path in &files {
         let bytes = std::fs::read(path).unwrap();
-        let name = path.file_name().unwrap().to_string_lossy();
         let ours = p.decode(&bytes).unwrap().to_rgb();
-        let pil = std::fs::read(format!("{}.rgb", path.display())).unwrap();
-        assert_eq!(ours.len(), pil.len(), "{name}: sizes differ");
-        let differing = ours.iter().zip(&pil).filter(|(a, b)| a != b).count();
-        assert_eq!(
-            differing, 0,
-            "{name}: {differing} bytes differ from Pillow's decode"
-        );
-        if let Ok(pil_224) = std::fs::read(format!("{}.224", path.display())) {
-            let ours_224 = p.rgb(&bytes).unwrap();
-            let differing = ours_224
-                .iter()
-                .zip(&pil_224)
-                .filter(|(a, b)| a != b)
-                .count();
-            assert_eq!(
-                differing, 0,
-                "{name}: {differing} bytes of the 224x224 input differ"
-            );
+        assert_equals_pillows(&ours, path, ".rgb", "Pillow's decode");
+        if std::path::Path::new(&format!("{}.224", path.display())).exists() {
+            assert_equals_pillows(&p.rgb(&bytes).unwrap(), path, ".224", "the 224x224 input");
             compared_224 += 1;
         }
     }
     // Every image at least 224 on its shorter side was compared at 224 too.
     assert!(compared_224 >= 50, "only {compared_224} compared at 224");
 }
-
-const PIL_DRAFT: &str = r#"
-import sys
-from PIL import Image
-for path in sys.argv[1:]:
-    im = Image.open(path)
-    # What `--jpeg-draft` promises: Pillow's draft for twice the input size.
-    im.draft("RGB", (448, 448))
-    rgb = im.convert("RGB")
-    open(path + ".rgb", "wb").write(rgb.tobytes())
-    w, h = rgb.size
-    short, long = min(w, h), max(w, h)
-    new_short, new_long = 224, int(224 * long / short)
-    size = (new_short, new_long) if w <= h else (new_long, new_short)
-    r = rgb.resize(size, Image.BICUBIC)
-    left = int(round((r.size[0] - 224) / 2.0))
-    top = int(round((r.size[1] - 224) / 2.0))
-    r = r.crop((left, top, left + 224, top + 224))
-    open(path + ".224", "wb").write(r.tobytes())
-"#;
 
 /// `--jpeg-draft`: the decode at 1/2, 1/4 and 1/8 scale and the model input
 /// equal Pillow's after `im.draft("RGB", (448, 448))`, byte for byte, over
@@ -238,56 +230,32 @@ fn jpeg_draft_equals_pillows_draft() {
         std::fs::write(&path, encode(&rgb, w, h, kind, quality, progressive)).unwrap();
         files.push((path, w, h));
     }
-    let out = std::process::Command::new(&python)
-        .args(["-c", PIL_DRAFT])
-        .args(files.iter().map(|f| &f.0))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    // What `--jpeg-draft` promises: Pillow's draft for twice the input size.
+    pillow(
+        &python,
+        448,
+        &files.iter().map(|f| f.0.as_path()).collect::<Vec<_>>(),
     );
-    let p = Preprocessor::new(&PreprocessConfig {
-        image_size: 224,
-        mean: OPENAI_MEAN,
-        std: OPENAI_STD,
-    })
-    .with_jpeg_draft(true);
+    let p = preprocessor().with_jpeg_draft(true);
     let mut scales = std::collections::BTreeSet::new();
     for (path, w, h) in &files {
         let bytes = std::fs::read(path).unwrap();
-        let name = path.file_name().unwrap().to_string_lossy();
         let decoded = p.decode(&bytes).unwrap();
         let scale = w.div_ceil(decoded.width);
         assert_eq!(
             (decoded.width, decoded.height),
             (w.div_ceil(scale), h.div_ceil(scale)),
-            "{name}"
+            "{}",
+            path.display()
         );
         scales.insert(scale);
-        let ours = decoded.to_rgb();
-        let pil = std::fs::read(format!("{}.rgb", path.display())).unwrap();
-        assert_eq!(
-            ours.len(),
-            pil.len(),
-            "{name}: sizes differ from Pillow's draft"
-        );
-        let differing = ours.iter().zip(&pil).filter(|(a, b)| a != b).count();
-        assert_eq!(
-            differing, 0,
-            "{name}: {differing} bytes differ from Pillow's draft"
-        );
-        let pil_224 = std::fs::read(format!("{}.224", path.display())).unwrap();
-        let ours_224 = p.rgb(&bytes).unwrap();
-        let differing = ours_224
-            .iter()
-            .zip(&pil_224)
-            .filter(|(a, b)| a != b)
-            .count();
-        assert_eq!(
-            differing, 0,
-            "{name}: {differing} bytes of the drafted 224x224 input differ"
+        assert_equals_pillows(&decoded.to_rgb(), path, ".rgb", "Pillow's draft");
+        // Every file is at least 300 pixels on its shorter side: all have one.
+        assert_equals_pillows(
+            &p.rgb(&bytes).unwrap(),
+            path,
+            ".224",
+            "the drafted 224x224 input",
         );
     }
     assert_eq!(
