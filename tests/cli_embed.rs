@@ -558,23 +558,7 @@ fn quantization_flag_errors() {
 fn jpeg_draft_flag_embeds_the_drafted_decode() {
     use capivara::model::config::{PreprocessConfig, OPENAI_MEAN, OPENAI_STD};
     let dir = tempfile::tempdir().unwrap();
-    let (w, h) = (1000usize, 950usize);
-    let rgb: Vec<u8> = (0..w * h)
-        .flat_map(|i| {
-            let (x, y) = (i % w, i / w);
-            [
-                (x * 255 / w) as u8,
-                (y * 255 / h) as u8,
-                ((x ^ y) % 251) as u8,
-            ]
-        })
-        .collect();
-    let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
-    c.set_size(w, h);
-    c.set_quality(90.0);
-    let mut s = c.start_compress(Vec::new()).unwrap();
-    s.write_scanlines(&rgb).unwrap();
-    let jpeg_bytes = s.finish().unwrap();
+    let jpeg_bytes = gradient_jpeg(1000, 950);
     let jpeg = dir.path().join("big.jpg");
     std::fs::write(&jpeg, &jpeg_bytes).unwrap();
     // The drafted decode (half size here: 1000 / 448 = 2), kept losslessly.

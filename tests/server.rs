@@ -307,12 +307,7 @@ fn embeddings_match_the_model() {
     let r = reference();
     let t = s.http.post_json("/embed/text", &json!({"texts": r.texts}));
     assert_eq!(t.status, 200);
-    let got: Vec<Vec<f32>> = t.json()["embeddings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(floats)
-        .collect();
+    let got: Vec<Vec<f32>> = t.embeddings();
     assert!(max_abs_diff(&got, &r.text_embeddings) <= 1e-4);
     let imgs = ["photo.jpg", "palette.png", "anim.gif"];
     let i = s.http.post_json(
@@ -320,12 +315,7 @@ fn embeddings_match_the_model() {
         &json!({"images": imgs.iter().map(|n| b64(&image_bytes(n))).collect::<Vec<_>>()}),
     );
     assert_eq!(i.status, 200);
-    let got: Vec<Vec<f32>> = i.json()["embeddings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(floats)
-        .collect();
+    let got: Vec<Vec<f32>> = i.embeddings();
     let bytes: Vec<Vec<u8>> = imgs.iter().map(|n| image_bytes(n)).collect();
     let want = p.embed_images(&bytes).unwrap().to_vec2::<f32>().unwrap();
     assert!(max_abs_diff(&got, &want) <= 1e-5);
@@ -336,33 +326,12 @@ fn embeddings_match_the_model() {
 #[test]
 fn jpeg_draft_serves_the_drafted_decode() {
     let s = TestServer::start(|c| c.jpeg_draft = true);
-    let (w, h) = (960usize, 900usize);
-    let rgb: Vec<u8> = (0..w * h)
-        .flat_map(|i| {
-            let (x, y) = (i % w, i / w);
-            [
-                (x * 255 / w) as u8,
-                (y * 255 / h) as u8,
-                ((x * y) % 253) as u8,
-            ]
-        })
-        .collect();
-    let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
-    c.set_size(w, h);
-    c.set_quality(90.0);
-    let mut started = c.start_compress(Vec::new()).unwrap();
-    started.write_scanlines(&rgb).unwrap();
-    let jpeg = started.finish().unwrap();
+    let jpeg = gradient_jpeg(960, 900);
     let r = s
         .http
         .post_json("/embed/image", &json!({"images": [b64(&jpeg)]}));
     assert_eq!(r.status, 200);
-    let got: Vec<Vec<f32>> = r.json()["embeddings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(floats)
-        .collect();
+    let got: Vec<Vec<f32>> = r.embeddings();
     let mut p = pipeline();
     let plain = p
         .embed_images(std::slice::from_ref(&jpeg))
@@ -1180,12 +1149,7 @@ fn text_passes_stay_within_the_token_budget() {
         .collect();
     let r = s.http.post_json("/embed/text", &json!({ "texts": texts }));
     assert_eq!(r.status, 200);
-    let got: Vec<Vec<f32>> = r.json()["embeddings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(floats)
-        .collect();
+    let got: Vec<Vec<f32>> = r.embeddings();
     let want = pipeline()
         .embed_texts(&texts)
         .unwrap()

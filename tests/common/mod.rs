@@ -152,3 +152,24 @@ pub fn python_with(module: &str) -> Option<PathBuf> {
     eprintln!("skipped: {msg}");
     None
 }
+
+/// A `w x h` baseline JPEG (quality 90) of gradients and a fine pattern: a
+/// large photo's stand-in for the `--jpeg-draft` tests.
+pub fn gradient_jpeg(w: usize, h: usize) -> Vec<u8> {
+    let rgb: Vec<u8> = (0..w * h)
+        .flat_map(|i| {
+            let (x, y) = (i % w, i / w);
+            [
+                (x * 255 / w) as u8,
+                (y * 255 / h) as u8,
+                ((x ^ y) % 251) as u8,
+            ]
+        })
+        .collect();
+    let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+    c.set_size(w, h);
+    c.set_quality(90.0);
+    let mut started = c.start_compress(Vec::new()).unwrap();
+    started.write_scanlines(&rgb).unwrap();
+    started.finish().unwrap()
+}

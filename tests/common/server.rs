@@ -103,6 +103,13 @@ impl Resp {
         serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
     }
 
+    /// The `embeddings` rows of an `/embed/*` answer.
+    pub fn embeddings(&self) -> Vec<Vec<f32>> {
+        let v = self.json();
+        let rows = v["embeddings"].as_array().expect("an embeddings list");
+        rows.iter().map(floats).collect()
+    }
+
     /// Asserts the one error shape and returns its code.
     pub fn error_code(&self) -> String {
         let v = self.json();
