@@ -151,9 +151,9 @@ struct ModelArgs {
     quantize: String,
     /// Decode large JPEGs at 1/2, 1/4 or 1/8 scale inside libjpeg before
     /// the resize, as Pillow does after `im.draft("RGB", (2*S, 2*S))` (S the
-    /// model's input size): ~2x faster indexing of phone photos; embeddings
-    /// match open_clip on so drafted images (within cosine ~0.99 of the
-    /// plain transform's), no longer the plain transform's bit for bit.
+    /// model's input size): ~1.5x faster indexing of phone photos (int8);
+    /// embeddings then match open_clip on so drafted images, no longer the
+    /// plain transform's bit for bit.
     #[arg(long, env = "CAPIVARA_JPEG_DRAFT")]
     jpeg_draft: bool,
 }
@@ -471,11 +471,11 @@ struct EmbedOutput<'a> {
     images: Vec<Vec<f32>>,
 }
 
-#[cfg(feature = "server")]
 /// Bulk indexing decodes one large photo after another: a 12 MP decode is a
 /// 36 MB buffer, which glibc's malloc maps afresh and unmaps every time (its
 /// mmap threshold stops at 32 MB), paying a page fault per 4 KiB page each
 /// time. A batch command keeps freed memory for the next image instead.
+#[cfg(feature = "server")]
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -493,6 +493,7 @@ fn keep_freed_memory() {
     }
 }
 
+#[cfg(feature = "server")]
 fn index(args: IndexArgs) -> anyhow::Result<()> {
     keep_freed_memory();
     let choice = args.model.parse()?;

@@ -57,16 +57,13 @@ impl Preprocessor {
     /// before the resize, as Pillow does after
     /// `im.draft("RGB", (2 * S, 2 * S))` (the reducing gap of 2 that
     /// `Image.thumbnail` uses): bit-identical to open_clip's transform run on
-    /// an image so drafted, not to the plain transform; several times faster
-    /// on phone photos (the inverse DCT, colour conversion and resize work on
-    /// 1/16 to 1/64 of the pixels). Other formats are unaffected.
+    /// an image so drafted, not to the plain transform; a 12 MP photo
+    /// preprocesses in ~60% of the time (the inverse DCT, colour conversion
+    /// and resize work on 1/16 of the pixels; the entropy decoding stays).
+    /// Other formats are unaffected.
     pub fn with_jpeg_draft(mut self, on: bool) -> Self {
         self.jpeg_draft = on;
         self
-    }
-
-    pub fn jpeg_draft(&self) -> bool {
-        self.jpeg_draft
     }
 
     pub fn image_size(&self) -> usize {
