@@ -284,34 +284,31 @@ unsafe fn weighted<const R: usize>(
         // run-time count they lived on the stack: a load and a store per
         // multiply-add).
         let cols = ((hdp - c0) / 16).min(4);
-        let args = (p, lp, l, v, hd, hdp, out, ldo, c0);
         match cols {
-            4 => weighted_cols::<R, 4>(args),
-            3 => weighted_cols::<R, 3>(args),
-            2 => weighted_cols::<R, 2>(args),
-            _ => weighted_cols::<R, 1>(args),
+            4 => weighted_cols::<R, 4>(p, lp, l, v, hd, hdp, out, ldo, c0),
+            3 => weighted_cols::<R, 3>(p, lp, l, v, hd, hdp, out, ldo, c0),
+            2 => weighted_cols::<R, 2>(p, lp, l, v, hd, hdp, out, ldo, c0),
+            _ => weighted_cols::<R, 1>(p, lp, l, v, hd, hdp, out, ldo, c0),
         }
         c0 += 16 * cols;
     }
 }
 
-type WeightedArgs<'a> = (
-    &'a [f32],
-    usize,
-    usize,
-    &'a [f32],
-    usize,
-    usize,
-    *mut f32,
-    usize,
-    usize,
-);
-
 /// [`weighted`] for the `C` zmm of columns from `c0`.
+#[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn weighted_cols<const R: usize, const C: usize>(args: WeightedArgs) {
-    let (p, lp, l, v, hd, hdp, out, ldo, c0) = args;
+unsafe fn weighted_cols<const R: usize, const C: usize>(
+    p: &[f32],
+    lp: usize,
+    l: usize,
+    v: &[f32],
+    hd: usize,
+    hdp: usize,
+    out: *mut f32,
+    ldo: usize,
+    c0: usize,
+) {
     let (pp, vp) = (p.as_ptr(), v.as_ptr());
     let mut acc = [[_mm512_setzero_ps(); C]; R];
     for j in 0..l {

@@ -509,11 +509,55 @@ impl LayerNorm {
     }
 }
 
-/// [`LayerNorm::forward_add`]'s kernel as a candle op (forward only).
+/// [`LayerNorm`]'s CPU kernel as candle ops (forward only): one input for
+/// [`Module::forward`], two (`y`, `x`) for [`LayerNorm::forward_add`].
 struct AddLayerNorm {
     params: Arc<(Vec<f32>, Vec<f32>)>,
     eps: f32,
     isa: Option<crate::kernels::Isa>,
+}
+
+impl AddLayerNorm {
+    /// The kernel over contiguous f32 storage: `a` (plus `b`) of one shape
+    /// whose last dimension is the parameters'.
+    fn run(
+        &self,
+        a: (&candle_core::CpuStorage, &Layout),
+        b: Option<(&candle_core::CpuStorage, &Layout)>,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        fn values<'a>((s, l): (&'a candle_core::CpuStorage, &Layout)) -> Result<&'a [f32]> {
+            match (l.contiguous_offsets(), s) {
+                (Some((start, end)), candle_core::CpuStorage::F32(v)) => Ok(&v[start..end]),
+                _ => candle_core::bail!("layer-norm: the inputs must be contiguous f32"),
+            }
+        }
+        let shape = a.1.shape();
+        let (w, c) = (&self.params.0, &self.params.1);
+        if b.is_some_and(|(_, l)| l.shape() != shape) || shape.dims().last() != Some(&w.len()) {
+            candle_core::bail!(
+                "layer-norm: shapes {:?} and {:?}",
+                shape,
+                b.map(|(_, l)| l.shape())
+            );
+        }
+        let b = b.map(values).transpose()?;
+        let out = crate::kernels::norm::add_layer_norm(values(a)?, b, w, c, self.eps, self.isa);
+        Ok((candle_core::CpuStorage::F32(out), shape.clone()))
+    }
+}
+
+impl candle_core::CustomOp1 for AddLayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        self.run((s, l), None)
+    }
 }
 
 impl candle_core::CustomOp2 for AddLayerNorm {
@@ -528,32 +572,7 @@ impl candle_core::CustomOp2 for AddLayerNorm {
         s2: &candle_core::CpuStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CpuStorage, Shape)> {
-        let (
-            Some((a0, a1)),
-            Some((b0, b1)),
-            candle_core::CpuStorage::F32(a),
-            candle_core::CpuStorage::F32(b),
-        ) = (l1.contiguous_offsets(), l2.contiguous_offsets(), s1, s2)
-        else {
-            candle_core::bail!("add-layer-norm: the inputs must be contiguous f32");
-        };
-        let (w, c) = (&self.params.0, &self.params.1);
-        if l1.shape() != l2.shape() || l1.shape().dims().last() != Some(&w.len()) {
-            candle_core::bail!(
-                "add-layer-norm: shapes {:?} and {:?}",
-                l1.shape(),
-                l2.shape()
-            );
-        }
-        let out = crate::kernels::norm::add_layer_norm(
-            &a[a0..a1],
-            Some(&b[b0..b1]),
-            w,
-            c,
-            self.eps,
-            self.isa,
-        );
-        Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
+        self.run((s1, l1), Some((s2, l2)))
     }
 }
 
@@ -561,28 +580,6 @@ impl LayerNorm {
     /// The dtype of its parameters (the tower's).
     pub fn dtype(&self) -> DType {
         self.weight.dtype()
-    }
-}
-
-impl candle_core::CustomOp1 for AddLayerNorm {
-    fn name(&self) -> &'static str {
-        "layer-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s: &candle_core::CpuStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        let (Some((a0, a1)), candle_core::CpuStorage::F32(a)) = (l.contiguous_offsets(), s) else {
-            candle_core::bail!("layer-norm: the input must be contiguous f32");
-        };
-        let (w, c) = (&self.params.0, &self.params.1);
-        if l.shape().dims().last() != Some(&w.len()) {
-            candle_core::bail!("layer-norm: shape {:?}", l.shape());
-        }
-        let out = crate::kernels::norm::add_layer_norm(&a[a0..a1], None, w, c, self.eps, self.isa);
-        Ok((candle_core::CpuStorage::F32(out), l.shape().clone()))
     }
 }
 
