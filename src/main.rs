@@ -151,7 +151,7 @@ struct ModelArgs {
     quantize: String,
     /// Decode large JPEGs at 1/2, 1/4 or 1/8 scale inside libjpeg before
     /// the resize, as Pillow does after `im.draft("RGB", (2*S, 2*S))` (S the
-    /// model's input size): ~1.5x faster indexing of phone photos (int8);
+    /// model's input size): ~1.4x faster indexing of phone photos (int8);
     /// embeddings then match open_clip on so drafted images, no longer the
     /// plain transform's bit for bit.
     #[arg(long, env = "CAPIVARA_JPEG_DRAFT")]
